@@ -1,0 +1,60 @@
+"""Small file helpers every stage shares: atomic outputs and input fingerprints.
+
+Every output in this project is written under a temporary name in the destination folder
+and renamed into place, so a killed job never leaves a half-written file that a rerun
+would mistake for finished work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{''.join(path.suffixes)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def file_fingerprint(path: str | os.PathLike, *, head_bytes: int = 1 << 20) -> str:
+    """A cheap identity for an input file: size, mtime and a hash of its first MiB.
+
+    Hashing whole multi-GB npz files on every run would cost more than the work it guards;
+    size + mtime + head catches replaced, truncated and regenerated files.
+    """
+    path = Path(path)
+    st = path.stat()
+    h = hashlib.sha256()
+    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(head_bytes))
+    return h.hexdigest()[:32]
+
+
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    """Full sha256 of a file (for downloads and verifying what was written)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

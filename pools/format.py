@@ -1,0 +1,251 @@
+"""The CommonPool format, as code: a pool's layout, its parquet schema, its npz keys.
+
+A pool folder looks like DataComp's (reference sections 1 and 2)::
+
+    <pool>/metadata/<stem>.parquet   uid, url, text, sizes, CLIP scores, face boxes, sha256
+    <pool>/metadata/<stem>.npz       row-aligned CLIP embeddings (optional)
+    <pool>/shards/{:08d}.tar         webdataset shards: <key>.jpg, <key>.txt, <key>.json
+    <pool>/shards/{:08d}.parquet     img2dataset's per-shard status table
+    <pool>/shards/{:08d}_stats.json  img2dataset's per-shard counts ("successes", ...)
+
+Metadata alone (with or without npz) is enough for every filter; shards are needed only to
+reshard and train. The validator raises `PoolFormatError` naming the file and column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SHARD_FORMAT = "{:08d}.tar"
+SHARD_STATS_FORMAT = "{:08d}_stats.json"
+SHARD_PARQUET_FORMAT = "{:08d}.parquet"
+SAMPLES_PER_SHARD = 10_000  # img2dataset's number_sample_per_shard in DataComp
+
+# Embedding keys of the npz beside each parquet: name -> width. float16, L2-normalised.
+NPZ_KEYS: dict[str, int] = {"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768}
+NPZ_DTYPE = np.float16
+
+SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
+
+
+class PoolFormatError(ValueError):
+    """A pool file does not follow the CommonPool format; the message names file and column."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # "string", "integer", "float" or "bboxes"
+    hex_chars: int | None = None  # exact length of a hex string column, if it has one
+    nullable: bool = True
+
+
+METADATA_COLUMNS: tuple[Column, ...] = (
+    Column("uid", "string", hex_chars=32, nullable=False),
+    Column("url", "string"),
+    Column("text", "string"),
+    Column("original_width", "integer"),
+    Column("original_height", "integer"),
+    Column("clip_b32_similarity_score", "float"),
+    Column("clip_l14_similarity_score", "float"),
+    Column("face_bboxes", "bboxes"),
+    Column("sha256", "string", hex_chars=64),
+)
+METADATA_COLUMN_NAMES = tuple(c.name for c in METADATA_COLUMNS)
+
+# The schema we write; the validator also accepts large_string, int32 and float64 variants.
+METADATA_SCHEMA = pa.schema([
+    ("uid", pa.string()),
+    ("url", pa.string()),
+    ("text", pa.string()),
+    ("original_width", pa.int64()),
+    ("original_height", pa.int64()),
+    ("clip_b32_similarity_score", pa.float32()),
+    ("clip_l14_similarity_score", pa.float32()),
+    ("face_bboxes", pa.list_(pa.list_(pa.float64()))),
+    ("sha256", pa.string()),
+])
+
+
+def _kind_matches(kind: str, typ: pa.DataType) -> bool:
+    if kind == "string":
+        return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)
+    if kind == "integer":
+        return pa.types.is_integer(typ)
+    if kind == "float":
+        return pa.types.is_floating(typ) or pa.types.is_null(typ)
+    if kind == "bboxes":
+        if pa.types.is_null(typ):
+            return True
+        if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)):
+            return False
+        inner = typ.value_type
+        return (pa.types.is_null(inner) or (pa.types.is_list(inner) or pa.types.is_large_list(inner))
+                and (pa.types.is_floating(inner.value_type) or pa.types.is_null(inner.value_type)))
+    raise AssertionError(kind)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Paths of one pool folder. Construct with `Pool(root)`; nothing is read until asked."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def metadata_dir(self) -> Path:
+        return self.root / "metadata"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def metadata_files(self) -> list[Path]:
+        """The pool's parquet files, sorted by name (the order img2dataset reads them in)."""
+        if not self.metadata_dir.is_dir():
+            raise PoolFormatError(f"{self.metadata_dir} does not exist: a pool needs a metadata/ "
+                                  "folder of parquet files")
+        files = sorted(p for p in self.metadata_dir.glob("*.parquet") if not p.name.startswith("."))
+        if not files:
+            raise PoolFormatError(f"{self.metadata_dir} holds no .parquet files")
+        return files
+
+    @staticmethod
+    def npz_for(parquet: Path) -> Path:
+        return parquet.with_suffix(".npz")
+
+    def has_npz(self) -> bool:
+        return all(self.npz_for(p).is_file() for p in self.metadata_files())
+
+    def shard_files(self) -> list[Path]:
+        """Webdataset shards present, sorted by id."""
+        if not self.shards_dir.is_dir():
+            return []
+        return sorted(p for p in self.shards_dir.glob("*.tar") if re.fullmatch(r"\d+\.tar", p.name))
+
+    def shard_stats(self, shard: Path) -> dict:
+        stats = shard.with_name(shard.stem + "_stats.json")
+        if not stats.is_file():
+            raise PoolFormatError(f"{stats} is missing: every shard needs img2dataset's _stats.json")
+        return json.loads(stats.read_text())
+
+
+def validate_metadata_schema(schema: pa.Schema, path: Path | str,
+                             columns: tuple[str, ...] = METADATA_COLUMN_NAMES) -> None:
+    """Check that `schema` has the listed CommonPool columns with acceptable types."""
+    for col in METADATA_COLUMNS:
+        if col.name not in columns:
+            continue
+        idx = schema.get_field_index(col.name)
+        if idx < 0:
+            raise PoolFormatError(f"{path}: column {col.name!r} is missing (columns present: "
+                                  f"{', '.join(schema.names)})")
+        typ = schema.field(idx).type
+        if not _kind_matches(col.kind, typ):
+            raise PoolFormatError(f"{path}: column {col.name!r} has type {typ}; expected {col.kind}")
+
+
+def validate_metadata_table(table: pa.Table, path: Path | str,
+                            columns: tuple[str, ...] = METADATA_COLUMN_NAMES) -> None:
+    """Check schema and values (uid/sha256 hex strings, non-null uids) of one metadata table."""
+    validate_metadata_schema(table.schema, path, columns)
+    for col in METADATA_COLUMNS:
+        if col.name not in columns or col.hex_chars is None:
+            continue
+        values = table.column(col.name)
+        if not col.nullable and values.null_count:
+            row = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+            raise PoolFormatError(f"{path}: column {col.name!r} is null at row {row}")
+        pattern = f"^[0-9a-f]{{{col.hex_chars}}}$"
+        ok = pc.match_substring_regex(values, pattern)
+        bad = pc.invert(pc.fill_null(ok, True))
+        if pc.any(bad).as_py():
+            row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
+            raise PoolFormatError(f"{path}: column {col.name!r} row {row} is "
+                                  f"{values[row].as_py()!r}; expected {col.hex_chars} lowercase hex "
+                                  "characters")
+
+
+def read_metadata(path: Path | str, columns: tuple[str, ...] | list[str] | None = None) -> pa.Table:
+    """Read (some columns of) one metadata parquet, with a clear error when it is unreadable."""
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise PoolFormatError(f"{path}: not a readable parquet file ({exc})") from exc
+    wanted = list(columns) if columns is not None else list(METADATA_COLUMN_NAMES)
+    validate_metadata_schema(pf.schema_arrow, path, tuple(wanted))
+    try:
+        table = pf.read(columns=wanted)
+    except Exception as exc:
+        raise PoolFormatError(f"{path}: failed to read columns {wanted} ({exc})") from exc
+    return table
+
+
+def load_npz(parquet: Path | str, keys: tuple[str, ...], expected_rows: int) -> dict[str, np.ndarray]:
+    """Load embedding `keys` from the npz beside `parquet`, checking rows and widths."""
+    npz_path = Pool.npz_for(Path(parquet))
+    if not npz_path.is_file():
+        raise PoolFormatError(f"{npz_path} is missing: this step needs the embeddings "
+                              f"{', '.join(keys)} beside {Path(parquet).name}")
+    try:
+        npz = np.load(npz_path)
+    except Exception as exc:
+        raise PoolFormatError(f"{npz_path}: not a readable npz file ({exc})") from exc
+    out = {}
+    with npz:
+        for key in keys:
+            if key not in npz.files:
+                raise PoolFormatError(f"{npz_path}: key {key!r} is missing (keys present: "
+                                      f"{', '.join(npz.files)})")
+            arr = npz[key]
+            width = NPZ_KEYS.get(key)
+            if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
+                raise PoolFormatError(f"{npz_path}: key {key!r} has shape {arr.shape}; expected "
+                                      f"(rows, {width})")
+            if arr.shape[0] != expected_rows:
+                raise PoolFormatError(f"{npz_path} has {arr.shape[0]} rows for {key!r} but "
+                                      f"{Path(parquet).name} has {expected_rows}")
+            out[key] = arr
+    return out
+
+
+def validate_pool(root: str | os.PathLike, *, check_shards: bool = True) -> dict:
+    """Validate a whole pool; returns counts. Raises PoolFormatError on the first problem."""
+    pool = Pool(root)
+    rows = 0
+    files = pool.metadata_files()
+    npz_files = 0
+    for path in files:
+        table = read_metadata(path)
+        validate_metadata_table(table, path)
+        rows += table.num_rows
+        if pool.npz_for(path).is_file():
+            load_npz(path, tuple(NPZ_KEYS), table.num_rows)
+            npz_files += 1
+    summary = {"metadata_files": len(files), "rows": rows, "npz_files": npz_files,
+               "shards": 0, "shard_samples": 0}
+    if check_shards:
+        for shard in pool.shard_files():
+            stats = pool.shard_stats(shard)
+            if "successes" not in stats:
+                raise PoolFormatError(f"{shard.with_name(shard.stem + '_stats.json')}: no "
+                                      "'successes' count")
+            summary["shards"] += 1
+            summary["shard_samples"] += int(stats["successes"])
+    return summary

@@ -1,0 +1,634 @@
+"""A synthetic pool that behaves like CommonPool, small enough for a CPU.
+
+    python -m pools.synth --out DIR [--samples N] [--seed S]
+
+Images are drawn with Pillow from a fixed set of visual concepts (colour x shape, on textured
+backgrounds) that a tiny CLIP learns in minutes. Captions carry CommonPool's kinds of noise,
+each kind a known fraction (`CaptionMix`): matching English captions with and without an
+ImageNet-21k noun, English captions of the wrong concept, non-English captions, and junk.
+Image sizes include small images and extreme aspect ratios, rendered small or stretched so
+that the size filters have something real to remove; a fraction of URLs "fail to download"
+and are missing from the shards, as with img2dataset.
+
+Written (see `pools.format` for the format)::
+
+    <out>/metadata/<hex>.parquet      CommonPool columns; CLIP scores empty (null) until
+                                      `pipeline.score` fills them, unless --random-scores
+    <out>/metadata/<hex>.npz          only with --random-scores
+    <out>/shards/{:08d}.tar|.parquet|_stats.json   webdataset shards as img2dataset writes them
+    <out>/eval/                       held-out eval set of the same concepts (DataComp's wds
+                                      layout: test/0.tar, classnames.txt, templates)
+    <out>/ground_truth.parquet        each sample's true noise label (never in metadata/)
+    <out>/pool.json                   parameters and the generated composition
+
+Deterministic for a seed: the same arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import shutil
+import sys
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from pools.files import atomic_path, write_json_atomic
+from pools.format import (METADATA_SCHEMA, NPZ_KEYS, SHARD_FORMAT, SHARD_PARQUET_FORMAT,
+                          SHARD_STATS_FORMAT)
+
+# --- the visual concepts ----------------------------------------------------------------------
+# Colour and shape names were picked so that none of them has a first WordNet synset in the
+# ImageNet-21k list: whether a caption passes DataComp's text filter then depends only on the
+# object nouns below, which all do.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "lime": (60, 210, 40),
+    "navy": (20, 30, 140),
+    "cyan": (30, 210, 220),
+    "magenta": (210, 40, 200),
+    "amber": (250, 185, 10),
+}
+SHAPES = ("square", "star", "heart", "moon", "plus", "arrow")
+BACKGROUNDS = ("plain", "striped", "dotted", "checked")
+IMAGENET_NOUNS = ("shirt", "balloon", "wall", "flag", "tile", "laptop", "paper", "plate")
+
+CONCEPTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
+
+
+def concept_name(concept: int) -> str:
+    colour, shape = CONCEPTS[concept]
+    return f"{colour} {shape}"
+
+
+# --- captions ---------------------------------------------------------------------------------
+PLAIN_TEMPLATES = (
+    "a {c} {s}", "{c} {s} icon", "simple {c} {s} clipart", "a {c} {s} on a striped background",
+    "vector drawing of a {c} {s}", "minimal {c} {s} pattern", "a photo of a {c} {s}",
+    "{c} {s} logo, flat design", "Bold {c} {s} symbol", "digital art: a {c} {s}, centered",
+)
+ENTITY_TEMPLATES = (
+    "a {c} {s} printed on a shirt", "{c} {s} balloon", "a {c} {s} painted on a wall",
+    "a flag with a {c} {s}", "{c} {s} sticker on a laptop", "a {c} {s} drawn on paper",
+    "{c} {s} pattern on a tile", "a plate with a {c} {s}",
+    # Punctuation is not stripped by the reference, so "shirt." is not a WordNet hit.
+    "my new {c} {s} shirt.",
+)
+# Translations for the non-English captions that describe the concept.
+FOREIGN = {
+    "de": ("{c} {s} auf weißem Hintergrund, ein schönes Motiv für Ihr Zuhause",
+           {"red": "roter", "lime": "hellgrüner", "navy": "dunkelblauer", "cyan": "türkisfarbener",
+            "magenta": "magentafarbener", "amber": "gelber"},
+           {"square": "Quadrat", "star": "Stern", "heart": "Herz", "moon": "Mond", "plus": "Kreuz",
+            "arrow": "Pfeil"}),
+    "fr": ("un {s} {c} sur fond blanc, parfait pour votre décoration",
+           {"red": "rouge", "lime": "vert clair", "navy": "bleu marine", "cyan": "cyan",
+            "magenta": "magenta", "amber": "jaune"},
+           {"square": "carré", "star": "étoile", "heart": "cœur", "moon": "croissant de lune",
+            "plus": "signe plus", "arrow": "flèche"}),
+    "es": ("un {s} {c} dibujado sobre un fondo claro, ideal para camisetas y carteles",
+           {"red": "rojo", "lime": "verde lima", "navy": "azul marino", "cyan": "cian",
+            "magenta": "magenta", "amber": "amarillo"},
+           {"square": "cuadrado", "star": "estrella", "heart": "corazón", "moon": "luna",
+            "plus": "signo más", "arrow": "flecha"}),
+    "it": ("un {s} {c} disegnato a mano, stampa di alta qualità",
+           {"red": "rosso", "lime": "verde lime", "navy": "blu scuro", "cyan": "ciano",
+            "magenta": "magenta", "amber": "giallo"},
+           {"square": "quadrato", "star": "stella", "heart": "cuore", "moon": "luna",
+            "plus": "segno più", "arrow": "freccia"}),
+    "pt": ("um {s} {c} desenhado, com fundo neutro e cores vivas",
+           {"red": "vermelho", "lime": "verde-limão", "navy": "azul-marinho", "cyan": "ciano",
+            "magenta": "magenta", "amber": "amarelo"},
+           {"square": "quadrado", "star": "estrela", "heart": "coração", "moon": "lua",
+            "plus": "sinal de mais", "arrow": "seta"}),
+    "nl": ("een {c} {s} op een lichte achtergrond, mooi voor in huis",
+           {"red": "rode", "lime": "lichtgroene", "navy": "donkerblauwe", "cyan": "cyaan",
+            "magenta": "magenta", "amber": "gele"},
+           {"square": "vierkant", "star": "ster", "heart": "hart", "moon": "maan", "plus": "plusteken",
+            "arrow": "pijl"}),
+}
+# Real sentences in languages whose captions do not describe the image (shop and blog text).
+FOREIGN_GENERIC = {
+    "ru": ("Бесплатная доставка по всей России при заказе от 3000 рублей",
+           "Новая коллекция уже в продаже, успейте купить со скидкой"),
+    "ja": ("送料無料でお届けします。ご注文はお早めに。", "新しいデザインのポスターが入荷しました"),
+    "zh": ("全场包邮，欢迎选购我们的新款产品", "这是我们店里最受欢迎的设计之一"),
+    "pl": ("Darmowa dostawa przy zamówieniu powyżej 100 złotych", "Nowa kolekcja już dostępna w naszym sklepie"),
+}
+JUNK_CAPTIONS = (
+    "IMG_{n}.jpg", "DSC{n}.JPG", "", "image", "untitled", "⭐🔥✨", "😍😍😍",
+    "https://shop.example.com/item/{n}", "Buy now\n\nFree shipping!", "{n}x{m}",
+    "{s}", "{c}\u00a0{s}\u00a0art",  # no-break spaces: str.split() splits them, fastText does not
+    "new\n", "  ", "photo {n}",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptionMix:
+    """Fraction of each caption kind; the fractions must sum to 1."""
+
+    match_entity: float = 0.24  # matching English, names an ImageNet-21k noun
+    match_plain: float = 0.20  # matching English, no ImageNet-21k noun
+    mismatch: float = 0.22  # English, describes a different concept
+    non_english: float = 0.14  # other languages (some describe the concept, some do not)
+    junk: float = 0.20  # file names, empty, one word, emoji, URLs, newlines
+    null_fraction_of_junk: float = 0.05  # junk rows whose text is null (None) in the parquet
+
+    def __post_init__(self) -> None:
+        total = sum(self.fractions().values())
+        if not math.isclose(total, 1.0, abs_tol=1e-9):
+            raise ValueError(f"caption kind fractions sum to {total}, not 1")
+
+    def fractions(self) -> dict[str, float]:
+        return {"match_entity": self.match_entity, "match_plain": self.match_plain,
+                "mismatch": self.mismatch, "non_english": self.non_english, "junk": self.junk}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SizeMix:
+    """Fractions of original image sizes; the rest are ordinary web images."""
+
+    small: float = 0.12  # shorter side < 200 px: the basic filter removes these
+    extreme_aspect: float = 0.08  # aspect ratio > 3: the basic filter removes these
+    boundary: float = 0.02  # exactly 200 px or exactly 3.0 aspect: kept by the basic filter
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthConfig:
+    samples: int = 10_000
+    seed: int = 0
+    rows_per_file: int = 5_000  # rows per metadata parquet
+    shard_size: int = 1_000  # input rows per webdataset shard (img2dataset: 10,000)
+    image_px: int = 64  # longer side of the stored image
+    download_failure: float = 0.07  # rows whose URL "fails"; missing from the shards
+    eval_per_class: int = 20
+    images: bool = True  # False: metadata only (no shards, no eval set)
+    random_scores: bool = False  # fill scores + npz with random self-consistent values
+    url_base: str = "https://images.synthetic-pool.invalid"
+    captions: CaptionMix = field(default_factory=CaptionMix)
+    sizes: SizeMix = field(default_factory=SizeMix)
+
+
+# --- drawing ----------------------------------------------------------------------------------
+def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Polygon of `shape` centred at (cx, cy) with radius r, rotated by `angle` radians."""
+    if shape == "square":
+        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        pts = [(x * 0.8, y * 0.8) for x, y in pts]
+    elif shape == "star":
+        pts = [((1.0 if i % 2 == 0 else 0.45) * math.sin(i * math.pi / 5),
+                -(1.0 if i % 2 == 0 else 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
+    elif shape == "heart":
+        ts = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+        xs = 16 * np.sin(ts) ** 3
+        ys = -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts))
+        pts = list(zip(xs / 17, ys / 17))
+    elif shape == "moon":
+        outer = [(math.cos(t), math.sin(t)) for t in np.linspace(math.pi / 2, 3 * math.pi / 2, 20)]
+        inner = [(0.45 * math.cos(t) - 0.1, math.sin(t)) for t in np.linspace(3 * math.pi / 2, math.pi / 2, 20)]
+        pts = outer + inner
+    elif shape == "plus":
+        a, b = 0.3, 0.95
+        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a),
+               (-b, a), (-b, -a), (-a, -a)]
+    elif shape == "arrow":
+        pts = [(-0.9, -0.25), (0.2, -0.25), (0.2, -0.65), (0.95, 0), (0.2, 0.65), (0.2, 0.25),
+               (-0.9, 0.25)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
+
+
+def render_concept(concept: int, rng: np.random.Generator, *, width: int = 64,
+                   height: int = 64) -> Image.Image:
+    """Draw one image of `concept` (colour x shape) on a random textured background."""
+    colour_name, shape = CONCEPTS[concept]
+    base = rng.integers(150, 250)
+    tint = rng.integers(-20, 21, size=3)
+    bg = tuple(int(np.clip(base + t, 0, 255)) for t in tint)
+    img = Image.new("RGB", (width, height), bg)
+    draw = ImageDraw.Draw(img)
+    texture = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    ink = tuple(int(np.clip(v - rng.integers(40, 90), 0, 255)) for v in bg)
+    step = max(4, int(min(width, height) / rng.integers(4, 9)))
+    if texture == "striped":
+        for x in range(-height, width, step):
+            draw.line([(x, 0), (x + height, height)], fill=ink, width=max(1, step // 4))
+    elif texture == "dotted":
+        for x in range(step // 2, width, step):
+            for y in range(step // 2, height, step):
+                draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=ink)
+    elif texture == "checked":
+        for i, x in enumerate(range(0, width, step)):
+            for j, y in enumerate(range(0, height, step)):
+                if (i + j) % 2:
+                    draw.rectangle([x, y, x + step - 1, y + step - 1], fill=ink)
+    side = min(width, height)
+    r = side * rng.uniform(0.28, 0.42)
+    cx = width / 2 + rng.uniform(-0.12, 0.12) * side
+    cy = height / 2 + rng.uniform(-0.12, 0.12) * side
+    colour = np.array(COLOURS[colour_name]) + rng.integers(-15, 16, size=3)
+    fill = tuple(int(v) for v in np.clip(colour, 0, 255))
+    draw.polygon(_shape_polygon(shape, cx, cy, r, rng.uniform(-0.35, 0.35)), fill=fill)
+    return img
+
+
+def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def matching_caption(concept: int, rng: np.random.Generator, *, entity: bool) -> str:
+    """An English caption describing `concept`, with or without an ImageNet-21k noun."""
+    colour, shape = CONCEPTS[concept]
+    templates = ENTITY_TEMPLATES if entity else PLAIN_TEMPLATES
+    return templates[rng.integers(len(templates))].format(c=colour, s=shape)
+
+
+def _caption(kind: str, concept: int, rng: np.random.Generator, mix: CaptionMix
+             ) -> tuple[str | None, int | None, str]:
+    """(caption, concept the caption describes or None, language) for one row."""
+    if kind in ("match_entity", "match_plain"):
+        return matching_caption(concept, rng, entity=kind == "match_entity"), concept, "en"
+    if kind == "mismatch":
+        other = (concept + 1 + int(rng.integers(len(CONCEPTS) - 1))) % len(CONCEPTS)
+        return matching_caption(other, rng, entity=bool(rng.integers(2))), other, "en"
+    if kind == "non_english":
+        langs = list(FOREIGN) + list(FOREIGN_GENERIC)
+        lang = langs[rng.integers(len(langs))]
+        if lang in FOREIGN:
+            template, colours, shapes = FOREIGN[lang]
+            colour, shape = CONCEPTS[concept]
+            return template.format(c=colours[colour], s=shapes[shape]), concept, lang
+        sentences = FOREIGN_GENERIC[lang]
+        return sentences[rng.integers(len(sentences))], None, lang
+    if kind == "junk":
+        if rng.random() < mix.null_fraction_of_junk:
+            return None, None, "none"
+        colour, shape = CONCEPTS[concept]
+        template = JUNK_CAPTIONS[rng.integers(len(JUNK_CAPTIONS))]
+        text = template.format(n=int(rng.integers(1000, 99999)), m=int(rng.integers(100, 2000)),
+                               c=colour, s=shape)
+        return text, None, "none"
+    raise AssertionError(kind)
+
+
+def _original_sizes(rng: np.random.Generator, n: int, mix: SizeMix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(width, height, size kind) of the images as they were on the web."""
+    kinds = rng.choice(4, size=n, p=[1 - mix.small - mix.extreme_aspect - mix.boundary,
+                                     mix.small, mix.extreme_aspect, mix.boundary])
+    short = rng.integers(200, 1200, size=n)
+    aspect = rng.uniform(1.0, 2.2, size=n)
+    short = np.where(kinds == 1, rng.integers(24, 200, size=n), short)
+    aspect = np.where(kinds == 2, rng.uniform(3.05, 7.0, size=n), aspect)
+    boundary_short = kinds == 3
+    short = np.where(boundary_short, 200, short)
+    aspect = np.where(boundary_short, np.where(rng.random(n) < 0.5, 3.0, 1.5), aspect)
+    long = np.round(short * aspect).astype(np.int64)
+    landscape = rng.random(n) < 0.6
+    width = np.where(landscape, long, short).astype(np.int64)
+    height = np.where(landscape, short, long).astype(np.int64)
+    names = np.array(["normal", "small", "extreme_aspect", "boundary"])
+    return width, height, names[kinds]
+
+
+def _stored_size(width: int, height: int, image_px: int) -> tuple[int, int]:
+    """Size of the stored image: longer side `image_px`, small originals stay small."""
+    scale = image_px / max(width, height)
+    if min(width, height) < 200:  # a small web image stays low resolution
+        scale = min(scale, min(width, height) / 200 * image_px / max(width, height) * 1.5)
+    return max(4, round(width * scale)), max(4, round(height * scale))
+
+
+# --- the pool ---------------------------------------------------------------------------------
+@dataclass
+class _Rows:
+    uid: list[str]
+    url: list[str]
+    text: list[str | None]
+    width: np.ndarray
+    height: np.ndarray
+    face_bboxes: list[list[list[float]]]
+    concept: np.ndarray
+    caption_kind: np.ndarray
+    caption_concept: list[int | None]
+    language: list[str]
+    size_kind: np.ndarray
+    downloaded: np.ndarray
+
+
+def _plan_rows(cfg: SynthConfig) -> _Rows:
+    """Everything about each row except its image: vectorised draws from one seeded stream."""
+    n = cfg.samples
+    rng = np.random.default_rng([cfg.seed, 1])
+    hexed = rng.bytes(16 * n).hex()
+    uid = [hexed[i:i + 32] for i in range(0, 32 * n, 32)]
+    kinds = list(cfg.captions.fractions())
+    caption_kind = np.array(kinds)[rng.choice(len(kinds), size=n, p=list(cfg.captions.fractions().values()))]
+    concept = rng.integers(len(CONCEPTS), size=n)
+    width, height, size_kind = _original_sizes(rng, n, cfg.sizes)
+    downloaded = rng.random(n) >= cfg.download_failure
+    has_face = rng.random(n) < 0.05
+    boxes = rng.uniform(0, 0.5, size=(n, 2))
+    face_bboxes = [[[round(x, 4), round(y, 4), round(x + 0.2, 4), round(y + 0.25, 4)]] if f else []
+                   for f, (x, y) in zip(has_face, boxes)]
+    text, caption_concept, language = [], [], []
+    caption_rng = np.random.default_rng([cfg.seed, 2])
+    for kind, c in zip(caption_kind, concept):
+        t, cc, lang = _caption(str(kind), int(c), caption_rng, cfg.captions)
+        text.append(t)
+        caption_concept.append(cc)
+        language.append(lang)
+    url = [f"{cfg.url_base}/{u}.jpg" for u in uid]
+    return _Rows(uid, url, text, width, height, face_bboxes, concept, caption_kind,
+                 caption_concept, language, size_kind, downloaded)
+
+
+def _row_image(cfg: SynthConfig, rows: _Rows, i: int) -> bytes:
+    rng = np.random.default_rng([cfg.seed, 3, i])
+    w, h = _stored_size(int(rows.width[i]), int(rows.height[i]), cfg.image_px)
+    return encode_jpeg(render_concept(int(rows.concept[i]), rng, width=w, height=h))
+
+
+def _random_embeddings(cfg: SynthConfig, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Random L2-normalised embeddings whose dot products spread like CLIP scores.
+
+    Not a model's output: a stand-in for tests and benchmarks that need the columns filled.
+    """
+    rng = np.random.default_rng([cfg.seed, 4])
+    embeddings, scores = {}, {}
+    for arch, dim in (("b32", 512), ("l14", 768)):
+        img = rng.standard_normal((n, dim)).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        noise = rng.standard_normal((n, dim)).astype(np.float32)
+        noise -= (noise * img).sum(1, keepdims=True) * img
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        target = rng.uniform(-0.05, 0.45, size=(n, 1)).astype(np.float32)
+        txt = target * img + np.sqrt(1 - target ** 2) * noise
+        img16, txt16 = img.astype(np.float16), txt.astype(np.float16)
+        embeddings[f"{arch}_img"], embeddings[f"{arch}_txt"] = img16, txt16
+        scores[arch] = (img16.astype(np.float32) * txt16.astype(np.float32)).sum(1)
+    return embeddings, scores
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # fixed, so that a rerun writes byte-identical shards
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shards(cfg: SynthConfig, rows: _Rows, shards_dir: Path) -> tuple[list[int], list[str], list[str]]:
+    """img2dataset-style shards. Returns each row's shard id, key and image sha256."""
+    n = cfg.samples
+    shard_of = [-1] * n
+    key_of = [""] * n
+    sha_of = [""] * n
+    key_digits = len(str(cfg.shard_size - 1))
+    num_shards = math.ceil(n / cfg.shard_size)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=n, desc="rendering shards", unit="img", file=sys.stderr) as bar:
+        for shard in range(num_shards):
+            lo, hi = shard * cfg.shard_size, min(n, (shard + 1) * cfg.shard_size)
+            status_rows = []
+            with atomic_path(shards_dir / SHARD_FORMAT.format(shard)) as tmp, \
+                    tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for i in range(lo, hi):
+                    key = f"{shard:08d}{i - lo:0{key_digits}d}"
+                    jpg = _row_image(cfg, rows, i)
+                    sha = hashlib.sha256(jpg).hexdigest()
+                    shard_of[i], key_of[i], sha_of[i] = shard, key, sha
+                    ok = bool(rows.downloaded[i])
+                    with Image.open(io.BytesIO(jpg)) as im:
+                        w, h = im.size
+                    meta = {
+                        "url": rows.url[i], "caption": rows.text[i], "key": key,
+                        "status": "success" if ok else "failed_to_download",
+                        "error_message": None if ok else "HTTP Error 404: Not Found",
+                        "width": w if ok else None, "height": h if ok else None,
+                        "original_width": int(rows.width[i]) if ok else None,
+                        "original_height": int(rows.height[i]) if ok else None,
+                        "exif": "{}" if ok else None, "sha256": sha if ok else None,
+                        "uid": rows.uid[i],
+                    }
+                    status_rows.append(meta)
+                    if ok:
+                        _tar_add(tar, f"{key}.jpg", jpg)
+                        _tar_add(tar, f"{key}.txt", (rows.text[i] or "").encode())
+                        _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
+                    bar.update(1)
+            successes = sum(1 for r in status_rows if r["status"] == "success")
+            with atomic_path(shards_dir / SHARD_PARQUET_FORMAT.format(shard)) as tmp:
+                pq.write_table(pa.Table.from_pylist(status_rows), tmp)
+            write_json_atomic(shards_dir / SHARD_STATS_FORMAT.format(shard), {
+                "count": hi - lo, "successes": successes, "failed_to_download": hi - lo - successes,
+                "failed_to_resize": 0, "duration": 0.0, "start_time": 0.0, "end_time": 0.0,
+                "status_dict": {"success": successes,
+                                **({"HTTP Error 404: Not Found": hi - lo - successes}
+                                   if hi - lo - successes else {})},
+            })
+    return shard_of, key_of, sha_of
+
+
+EVAL_TEMPLATES = ("a photo of a {c}.", "a drawing of a {c}.", "a {c} icon.", "a picture of the {c}.",
+                  "a {c} on a background.")
+
+
+def write_eval_set(out: Path, *, seed: int, per_class: int, image_px: int = 64) -> int:
+    """Held-out eval set in DataComp's webdataset layout; returns the number of images.
+
+    Layout: `test/0.tar` (`<key>.jpg` + `<key>.cls`), `test/nshards.txt`, `classnames.txt`,
+    `zeroshot_classification_templates.txt` (templates use `{c}` as DataComp's do).
+    """
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    count = 0
+    with atomic_path(out / "test" / "0.tar") as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for concept in range(len(CONCEPTS)):
+            for j in range(per_class):
+                rng = np.random.default_rng([seed, 5, concept, j])
+                jpg = encode_jpeg(render_concept(concept, rng, width=image_px, height=image_px))
+                key = f"{count:06d}"
+                _tar_add(tar, f"{key}.jpg", jpg)
+                _tar_add(tar, f"{key}.cls", str(concept).encode())
+                count += 1
+    (out / "test" / "nshards.txt").write_text("1\n")
+    (out / "classnames.txt").write_text("".join(concept_name(c) + "\n" for c in range(len(CONCEPTS))))
+    (out / "zeroshot_classification_templates.txt").write_text("".join(t + "\n" for t in EVAL_TEMPLATES))
+    return count
+
+
+def _file_stems(cfg: SynthConfig, num_files: int) -> list[str]:
+    rng = np.random.default_rng([cfg.seed, 6])
+    return sorted(rng.bytes(16).hex() for _ in range(num_files))
+
+
+def _composition(rows: _Rows) -> dict:
+    n = len(rows.uid)
+
+    def fractions(values) -> dict:
+        keys, counts = np.unique(np.asarray(values), return_counts=True)
+        return {str(k): {"count": int(c), "fraction": round(int(c) / n, 4)} for k, c in zip(keys, counts)}
+
+    return {"caption_kind": fractions(rows.caption_kind), "language": fractions(rows.language),
+            "size_kind": fractions(rows.size_kind),
+            "downloaded": fractions(np.where(rows.downloaded, "success", "failed_to_download"))}
+
+
+def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bool = False) -> dict:
+    """Write the synthetic pool to `out` and return its summary (also saved as pool.json).
+
+    The pool is built in a temporary folder beside `out` and renamed into place, so an
+    existing `out` is always complete. If `out` holds a pool made with the same config it is
+    kept as it is (the rerun is free); a different config needs `overwrite=True`.
+    """
+    out = Path(out)
+    config = {**asdict(cfg), "generator": "pools.synth", "version": 1}
+    if (out / "pool.json").is_file():
+        existing = json.loads((out / "pool.json").read_text())
+        if existing.get("config") == json.loads(json.dumps(config)):
+            return existing
+        if not overwrite:
+            raise FileExistsError(f"{out} holds a pool made with other settings; pass --overwrite "
+                                  "to replace it or choose another --out")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not a synthetic pool; choose another --out")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    rows = _plan_rows(cfg)
+    n = cfg.samples
+    if cfg.images:
+        shard_of, key_of, sha_of = _write_shards(cfg, rows, tmp / "shards")
+        eval_count = write_eval_set(tmp / "eval", seed=cfg.seed + 1_000_003, per_class=cfg.eval_per_class,
+                                    image_px=cfg.image_px)
+    else:
+        shard_of, key_of = [-1] * n, [""] * n
+        sha_of = [hashlib.sha256(bytes.fromhex(u)).hexdigest() for u in rows.uid]  # no image exists
+        eval_count = 0
+
+    if cfg.random_scores:
+        embeddings, scores = _random_embeddings(cfg, n)
+        b32 = pa.array(scores["b32"], type=pa.float32())
+        l14 = pa.array(scores["l14"], type=pa.float32())
+    else:
+        b32 = l14 = pa.nulls(n, type=pa.float32())
+    note = ("CLIP score columns hold random placeholder values (--random-scores), not model output"
+            if cfg.random_scores else
+            "CLIP score columns are empty (null) until `python -m pipeline.score` fills them")
+    table = pa.table({
+        "uid": pa.array(rows.uid, pa.string()), "url": pa.array(rows.url, pa.string()),
+        "text": pa.array(rows.text, pa.string()),
+        "original_width": pa.array(rows.width, pa.int64()), "original_height": pa.array(rows.height, pa.int64()),
+        "clip_b32_similarity_score": b32, "clip_l14_similarity_score": l14,
+        "face_bboxes": pa.array(rows.face_bboxes, METADATA_SCHEMA.field("face_bboxes").type),
+        "sha256": pa.array(sha_of, pa.string()),
+    }, schema=METADATA_SCHEMA.with_metadata({"datacomp_synthetic": json.dumps({"seed": cfg.seed, "note": note})}))
+
+    num_files = max(1, math.ceil(n / cfg.rows_per_file))
+    stems = _file_stems(cfg, num_files)
+    (tmp / "metadata").mkdir()
+    file_of = np.empty(n, dtype=object)
+    for f, stem in enumerate(stems):
+        lo, hi = f * cfg.rows_per_file, min(n, (f + 1) * cfg.rows_per_file)
+        pq.write_table(table.slice(lo, hi - lo), tmp / "metadata" / f"{stem}.parquet")
+        file_of[lo:hi] = stem
+        if cfg.random_scores:
+            np.savez_compressed(tmp / "metadata" / f"{stem}.npz",
+                                **{k: embeddings[k][lo:hi] for k in NPZ_KEYS})
+
+    truth = pa.table({
+        "uid": rows.uid, "metadata_file": file_of.tolist(),
+        "caption_kind": rows.caption_kind.tolist(), "concept": rows.concept.astype(np.int64),
+        "concept_name": [concept_name(int(c)) for c in rows.concept],
+        "caption_concept": pa.array(rows.caption_concept, pa.int64()), "language": rows.language,
+        "size_kind": rows.size_kind.tolist(), "downloaded": rows.downloaded,
+        "shard": pa.array(shard_of, pa.int64()), "key": key_of,
+    })
+    pq.write_table(truth, tmp / "ground_truth.parquet")
+
+    summary = {
+        "config": json.loads(json.dumps(config)), "rows": n, "metadata_files": num_files,
+        "shards": math.ceil(n / cfg.shard_size) if cfg.images else 0,
+        "shard_samples": int(rows.downloaded.sum()) if cfg.images else 0,
+        "eval_images": eval_count, "eval_classes": len(CONCEPTS) if cfg.images else 0,
+        "composition": _composition(rows), "scores": note,
+    }
+    write_json_atomic(tmp / "pool.json", summary)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return summary
+
+
+def describe(out: Path, summary: dict) -> str:
+    """Human-readable summary of a generated pool."""
+    lines = [f"synthetic pool at {out}",
+             f"  {summary['rows']} rows in {summary['metadata_files']} metadata file(s): {out / 'metadata'}"]
+    if summary["shards"]:
+        lines.append(f"  {summary['shard_samples']} images in {summary['shards']} webdataset shard(s): "
+                     f"{out / 'shards'} (the other rows 'failed to download')")
+        lines.append(f"  eval set: {summary['eval_images']} images of {summary['eval_classes']} classes: "
+                     f"{out / 'eval'}")
+    lines.append(f"  {summary['scores']}")
+    lines.append("  caption kinds:")
+    for kind, v in summary["composition"]["caption_kind"].items():
+        lines.append(f"    {kind:<13} {v['count']:>8}  {v['fraction']:.1%}")
+    lines.append("  image sizes:")
+    for kind, v in summary["composition"]["size_kind"].items():
+        lines.append(f"    {kind:<15} {v['count']:>8}  {v['fraction']:.1%}")
+    lines.append(f"  ground truth (not part of the pool): {out / 'ground_truth.parquet'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m pools.synth", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m pools.synth --out data/synthetic --samples 10000 --seed 0")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write the pool to")
+    parser.add_argument("--samples", type=int, default=SynthConfig.samples, help="rows in the pool (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    parser.add_argument("--rows-per-file", type=int, default=SynthConfig.rows_per_file,
+                        help="rows per metadata parquet (default %(default)s)")
+    parser.add_argument("--shard-size", type=int, default=SynthConfig.shard_size,
+                        help="input rows per webdataset shard (default %(default)s)")
+    parser.add_argument("--image-px", type=int, default=SynthConfig.image_px,
+                        help="longer side of stored images in pixels (default %(default)s)")
+    parser.add_argument("--eval-per-class", type=int, default=SynthConfig.eval_per_class,
+                        help="eval images per class (default %(default)s)")
+    parser.add_argument("--metadata-only", action="store_true",
+                        help="write metadata only: no image shards, no eval set (fast, for big pools)")
+    parser.add_argument("--random-scores", action="store_true",
+                        help="fill CLIP scores and npz embeddings with random, self-consistent "
+                             "placeholder values (for tests and benchmarks; not model output)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
+    args = parser.parse_args(argv)
+    if args.samples <= 0:
+        parser.error("--samples must be positive")
+    cfg = SynthConfig(samples=args.samples, seed=args.seed, rows_per_file=args.rows_per_file,
+                      shard_size=args.shard_size, image_px=args.image_px,
+                      eval_per_class=args.eval_per_class, images=not args.metadata_only,
+                      random_scores=args.random_scores)
+    summary = generate(args.out, cfg, overwrite=args.overwrite)
+    print(describe(args.out, summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
