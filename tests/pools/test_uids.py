@@ -1,0 +1,79 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pools.uids import (UID_DTYPE, read_subset, records_to_uids, subset_counts, uids_to_records,
+                        write_subset)
+
+
+def test_uid_to_records_matches_datacomp_int_parsing():
+    uids = ["0123456789abcdef" "fedcba9876543210", "f" * 32, "0" * 32]
+    recs = uids_to_records(uids)
+    assert recs.dtype == UID_DTYPE
+    for u, r in zip(uids, recs):
+        # DataComp: (int(uid[:16], 16), int(uid[16:32], 16))
+        assert (int(r["f0"]), int(r["f1"])) == (int(u[:16], 16), int(u[16:32], 16))
+
+
+def test_round_trip_and_arrow_input():
+    rng = np.random.default_rng(0)
+    uids = [rng.bytes(16).hex() for _ in range(1000)]
+    chunked = pa.chunked_array([pa.array(uids[:300]), pa.array(uids[300:])])
+    assert records_to_uids(uids_to_records(chunked)) == uids
+    # a sliced array (non-zero offset) converts the same
+    assert records_to_uids(uids_to_records(pa.array(uids).slice(10, 20))) == uids[10:30]
+
+
+def test_sorting_records_equals_hex_order():
+    rng = np.random.default_rng(1)
+    uids = [rng.bytes(16).hex() for _ in range(500)] + ["00" * 16, "ff" * 16]
+    recs = np.sort(uids_to_records(uids))
+    assert records_to_uids(recs) == sorted(uids)
+
+
+def test_short_uids_are_left_padded_like_the_resharder():
+    recs = uids_to_records(["abc"])
+    assert (int(recs[0]["f0"]), int(recs[0]["f1"])) == divmod(int("abc", 16), 2**64)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["zz" * 16], "row 0 is not hexadecimal"),
+    (["a" * 33], "row 0 has 33 characters"),
+    ([("a" * 32), None], "row 1 is null"),
+])
+def test_bad_uids_name_the_row(bad, message):
+    with pytest.raises(ValueError, match=message):
+        uids_to_records(pa.array(bad, pa.string()))
+
+
+def test_write_subset_is_sorted_npy_with_duplicates_kept(tmp_path):
+    uids = ["b" * 32, "a" * 32, "b" * 32]
+    path = tmp_path / "sub" / "subset.npy"
+    assert write_subset(path, uids_to_records(uids)) == 3
+    loaded = np.load(path)  # a standard .npy, as DataComp writes it
+    assert loaded.dtype == UID_DTYPE and loaded.shape == (3,)
+    assert records_to_uids(loaded) == ["a" * 32, "b" * 32, "b" * 32]
+    assert not list(path.parent.glob(".*tmp*"))  # atomic write leaves no temporary file
+
+
+def test_read_subset_accepts_npy_and_raw_memmap(tmp_path):
+    recs = np.sort(uids_to_records(["1" * 32, "2" * 32, "2" * 32]))
+    npy = tmp_path / "s.npy"
+    write_subset(npy, recs)
+    raw = tmp_path / "s.bin"
+    recs.tofile(raw)
+    for path in (npy, raw):
+        sub = read_subset(path)
+        assert sub.dtype == UID_DTYPE
+        np.testing.assert_array_equal(sub, recs)
+    counts = subset_counts(read_subset(raw), uids_to_records(["2" * 32, "1" * 32, "3" * 32]))
+    assert counts.tolist() == [2, 1, 0]
+
+
+def test_read_subset_rejects_wrong_dtype_and_ragged_raw(tmp_path):
+    np.save(tmp_path / "wrong.npy", np.arange(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="wrong.npy: dtype"):
+        read_subset(tmp_path / "wrong.npy")
+    (tmp_path / "ragged.bin").write_bytes(b"x" * 17)
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        read_subset(tmp_path / "ragged.bin")
