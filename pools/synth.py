@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pools.files import atomic_path, write_json_atomic
+from pools.scales import get_scale
 from pools.format import (METADATA_SCHEMA, NPZ_KEYS, SHARD_FORMAT, SHARD_PARQUET_FORMAT,
                           SHARD_STATS_FORMAT)
 
@@ -166,7 +167,7 @@ class SizeMix:
 
 @dataclass(frozen=True, kw_only=True)
 class SynthConfig:
-    samples: int = 10_000
+    samples: int = get_scale("tiny").pool_samples
     seed: int = 0
     rows_per_file: int = 5_000  # rows per metadata parquet
     shard_size: int = 1_000  # input rows per webdataset shard (img2dataset: 10,000)
