@@ -1,0 +1,560 @@
+"""Turn a subset file (uid .npy) into training shards: DataComp's resharder, on Ray, resumable.
+
+    python -m pipeline.reshard --pool data/pool --subset subsets/clip_l14_30pct.npy --out data/train
+
+Semantics are DataComp's ``resharder.py`` (reference section 4):
+
+- every input shard ``{:08d}.tar`` is streamed once; a sample's uid comes from its ``.json``;
+- the uid is looked up in the sorted, memory-mapped subset by binary search; a uid that occurs
+  k times in the subset is written k times (upsampling) with keys ``<uid>-0 .. <uid>-(k-1)``;
+- every file of a selected sample (jpg, txt, json, ...) is copied byte for byte (no decode);
+- output shards hold at most ``--shard-size`` (10,000) samples, each with ``{:08d}_stats.json``
+  ``{"successes": n}``; the subset is copied to ``sample_ids.npy``; ``meta.json`` carries the
+  arguments and the counts (``processed_count``, ``output_count``, ``output_shard_count``, ...),
+  which both our trainer and DataComp's ``train.py`` read.
+
+Where it differs from the reference, it is on purpose: work is split into tasks over contiguous
+input shard ranges (as the reference splits it over workers) and run as Ray tasks; each task
+writes into ``_parts/`` and leaves a marker when done, so a killed job resumes where it stopped;
+output shard ids are assigned at the end in input order, so the same inputs always give the same
+files (the reference numbers shards in completion order). Subset uids that were not found (their
+image failed to download) are counted in ``meta.json``, not treated as errors.
+
+Reads:  <pool>/shards/{:08d}.tar + {:08d}_stats.json, the subset (.npy or raw u8,u8 memmap).
+Writes: <out>/{:08d}.tar, <out>/{:08d}_stats.json, <out>/sample_ids.npy, <out>/meta.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from pools.files import atomic_path, file_fingerprint, write_json_atomic
+from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool
+from pools.uids import UID_DTYPE, UID_HEX_CHARS, read_subset
+
+PARTS_DIR = "_parts"
+META_FILE = "meta.json"
+SAMPLE_IDS_FILE = "sample_ids.npy"
+# Counters every task returns; processed == selected + not_in_subset + no_json + bad_uid.
+TASK_COUNTERS = ("processed_count", "selected_count", "output_count", "dropped_not_in_subset",
+                 "dropped_no_json", "dropped_bad_uid", "input_bytes", "output_bytes")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReshardConfig:
+    input_dir: Path  # folder of input shards and their _stats.json
+    subset_file: Path
+    output_dir: Path
+    shard_size: int = SAMPLES_PER_SHARD  # max samples per output shard
+    num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_task_samples: int = 2_000_000  # input samples per task at most: the unit of resumption
+    shard_format: str = SHARD_FORMAT
+    shard_stats_format: str = SHARD_STATS_FORMAT
+    output_shard_format: str = SHARD_FORMAT
+    output_shard_stats_format: str = SHARD_STATS_FORMAT
+    overwrite: bool = False
+    use_ray: bool = True  # False: run tasks one after another in this process
+
+    def __post_init__(self) -> None:
+        if self.shard_size <= 0:
+            raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
+        if self.num_workers <= 0:
+            raise ValueError(f"--num-workers must be positive, got {self.num_workers}")
+        if self.max_task_samples <= 0:
+            raise ValueError(f"max_task_samples must be positive, got {self.max_task_samples}")
+
+
+@dataclass(frozen=True)
+class InputShard:
+    shard_id: int
+    path: str
+    size: int  # samples, from _stats.json "successes"
+    data_start: int  # samples in all earlier shards
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: int
+    shards: tuple[InputShard, ...]
+
+    @property
+    def samples(self) -> int:
+        return sum(s.size for s in self.shards)
+
+
+# --- planning ---------------------------------------------------------------------------------
+def discover_shards(input_dir: Path, shard_format: str = SHARD_FORMAT,
+                    stats_format: str = SHARD_STATS_FORMAT) -> tuple[list[InputShard], list[str]]:
+    """Input shards with their sample counts, and the names of shards skipped (no stats file).
+
+    Like the reference, a shard without a readable ``successes`` count is skipped with a
+    warning: img2dataset writes the stats file last, so such a shard is unfinished.
+    """
+    pattern = re.compile("^" + re.escape(shard_format).replace(r"\{:08d\}", r"(\d+)") + "$")
+    ids = sorted(int(m.group(1)) for p in input_dir.iterdir() if (m := pattern.match(p.name)))
+    shards, skipped, offset = [], [], 0
+    for shard_id in ids:
+        path = input_dir / shard_format.format(shard_id)
+        stats = input_dir / stats_format.format(shard_id)
+        try:
+            size = int(json.loads(stats.read_text())["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            skipped.append(path.name)
+            continue
+        shards.append(InputShard(shard_id, str(path), size, offset))
+        offset += size
+    return shards, skipped
+
+
+def plan_tasks(shards: list[InputShard], num_tasks: int) -> list[Task]:
+    """Split shards into at most `num_tasks` contiguous ranges of about equal sample counts.
+
+    The reference's split: cut at multiples of ceil(total / num_tasks) samples.
+    """
+    if not shards:
+        return []
+    total = shards[-1].data_start + shards[-1].size
+    step = max(1, -(-total // max(1, num_tasks)))
+    starts = [s.data_start for s in shards]
+    cuts = sorted({int(np.searchsorted(starts, i, side="left")) for i in range(0, max(total, 1), step)})
+    cuts = [0] + [c for c in cuts if c > 0] + [len(shards)]
+    tasks = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        if lo < hi:
+            tasks.append(Task(len(tasks), tuple(shards[lo:hi])))
+    return tasks
+
+
+def count_unique_sorted(subset: np.ndarray, chunk: int = 1 << 22) -> int:
+    """Distinct uids in a sorted subset, read in chunks (the subset may not fit in memory)."""
+    n = len(subset)
+    if n == 0:
+        return 0
+    unique = 1
+    for lo in range(0, n, chunk):
+        part = np.asarray(subset[max(0, lo - 1):min(n, lo + chunk)])
+        unique += int(np.count_nonzero(part[1:] != part[:-1]))
+    return unique
+
+
+def check_sorted(subset: np.ndarray, path: Path, chunk: int = 1 << 22) -> None:
+    """Binary search needs a sorted subset; DataComp's baselines always sort before saving."""
+    n = len(subset)
+    for lo in range(0, n, chunk):
+        part = np.asarray(subset[max(0, lo - 1):min(n, lo + chunk)])
+        hi, lo_ = part["f0"], part["f1"]
+        bad = np.flatnonzero((hi[1:] < hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo_[1:] < lo_[:-1])))
+        if len(bad):
+            row = max(0, lo - 1) + int(bad[0]) + 1
+            raise ValueError(f"{path} is not sorted (row {row} is smaller than row {row - 1}); "
+                             "sort it first, e.g. with pools.uids.write_subset")
+
+
+# --- reading and writing tars -----------------------------------------------------------------
+def _split_name(name: str) -> tuple[str | None, str]:
+    """webdataset's key/extension split: the key is the path up to the basename's first dot."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1:
+        return None, ""
+    return name[:dot], name[dot + 1:]
+
+
+def iter_samples(path: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """Stream a webdataset tar: yield (key, [(extension, raw bytes), ...]) per sample.
+
+    Consecutive files with the same key form one sample; a repeated extension starts a new
+    sample (the reference's non-throwing group-by-key).
+    """
+    with tarfile.open(path, mode="r|") as tar:
+        key, files = None, []
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, ext = _split_name(member.name)
+            if k is None:
+                continue
+            data = tar.extractfile(member).read()
+            if k != key or any(e == ext for e, _ in files):
+                if files:
+                    yield key, files
+                key, files = k, []
+            files.append((ext, data))
+        if files:
+            yield key, files
+
+
+def uid_to_record(uid: str) -> np.void:
+    """One hex uid to a u8,u8 record; uids shorter than 32 characters are left-padded as in the reference."""
+    value = int(uid, 16)
+    if value >> 128:
+        raise ValueError(f"uid {uid!r} is longer than {UID_HEX_CHARS} hex characters")
+    return np.array([(value >> 64, value & 0xFFFF_FFFF_FFFF_FFFF)], dtype=UID_DTYPE)[0]
+
+
+def _sample_uid(files: list[tuple[str, bytes]]) -> tuple[str | None, str | None]:
+    """(uid, None) or (None, reason) for one sample."""
+    raw = next((data for ext, data in files if ext == "json"), None)
+    if raw is None:
+        return None, "dropped_no_json"
+    try:
+        uid = json.loads(raw).get("uid")
+        if not isinstance(uid, str):
+            return None, "dropped_bad_uid"
+        return uid, None
+    except (ValueError, AttributeError):
+        return None, "dropped_bad_uid"
+
+
+class ShardSink:
+    """Writes samples into numbered tars of at most `shard_size` samples, atomically."""
+
+    def __init__(self, folder: Path, shard_format: str, shard_size: int):
+        self.folder, self.shard_format, self.shard_size = folder, shard_format, shard_size
+        self.sizes: list[int] = []
+        self.bytes = 0
+        self._tar: tarfile.TarFile | None = None
+        self._ctx = None
+
+    def write(self, key: str, files: list[tuple[str, bytes]]) -> None:
+        if self._tar is None or self.sizes[-1] >= self.shard_size:
+            self._open_next()
+        for ext, data in files:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mode = 0o444
+            self._tar.addfile(info, _BytesReader(data))
+            self.bytes += len(data)
+        self.sizes[-1] += 1
+
+    def _open_next(self) -> None:
+        self._close_current()
+        self._ctx = atomic_path(self.folder / self.shard_format.format(len(self.sizes)))
+        tmp = self._ctx.__enter__()
+        self._tar = tarfile.open(tmp, "w")
+        self.sizes.append(0)
+
+    def _close_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._ctx.__exit__(None, None, None)
+            self._tar = self._ctx = None
+
+    def close(self) -> None:
+        self._close_current()
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self._tar = self._ctx = None
+
+
+class _BytesReader:
+    """Minimal file object over bytes for tarfile.addfile (no copy, unlike io.BytesIO(bytes))."""
+
+    def __init__(self, data: bytes):
+        self._view, self._pos = memoryview(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n is None or n < 0 else self._pos + n
+        out = self._view[self._pos:end]
+        self._pos += len(out)
+        return out
+
+
+def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int,
+                 output_shard_format: str) -> dict:
+    """Stream the task's input shards and write the selected samples into `part_dir`.
+
+    Returns the task's counters plus ``shard_sizes``; also writes them to ``<part_dir>.json``,
+    the marker that says the task is done.
+    """
+    subset = read_subset(subset_file)
+    folder = Path(part_dir)
+    if folder.exists():
+        shutil.rmtree(folder)  # leftovers of an interrupted attempt
+    folder.mkdir(parents=True)
+    counts = dict.fromkeys(TASK_COUNTERS, 0)
+    warnings: list[str] = []
+    sink = ShardSink(folder, output_shard_format, shard_size)
+    try:
+        for shard in task.shards:
+            seen = 0
+            counts["input_bytes"] += os.path.getsize(shard.path)
+            for _key, files in iter_samples(shard.path):
+                seen += 1
+                uid, reason = _sample_uid(files)
+                if uid is not None:
+                    try:
+                        record = uid_to_record(uid)
+                    except ValueError:
+                        uid, reason = None, "dropped_bad_uid"
+                if uid is None:
+                    counts[reason] += 1
+                    continue
+                k = int(np.searchsorted(subset, record, "right") - np.searchsorted(subset, record, "left"))
+                if k == 0:
+                    counts["dropped_not_in_subset"] += 1
+                    continue
+                counts["selected_count"] += 1
+                uid = uid.zfill(UID_HEX_CHARS)
+                for j in range(k):
+                    sink.write(f"{uid}-{j}", files)
+                counts["output_count"] += k
+            counts["processed_count"] += seen
+            if seen != shard.size:
+                warnings.append(f"{shard.path}: _stats.json says {shard.size} samples, the tar holds {seen}")
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    counts["output_bytes"] = sink.bytes
+    result = {"task_id": task.task_id, **counts, "shard_sizes": sink.sizes, "warnings": warnings,
+              "input_shards": [Path(s.path).name for s in task.shards]}
+    write_json_atomic(folder.with_suffix(".json"), result)
+    return result
+
+
+# --- the job ----------------------------------------------------------------------------------
+def _plan_signature(cfg: ReshardConfig, shards: list[InputShard]) -> dict:
+    """What makes two runs the same job: a mismatch means the staged parts cannot be reused."""
+    return {"subset_file": str(cfg.subset_file), "subset_fingerprint": file_fingerprint(cfg.subset_file),
+            "input_dir": str(cfg.input_dir), "shard_size": cfg.shard_size,
+            "output_shard_format": cfg.output_shard_format,
+            "shards": [[Path(s.path).name, s.size] for s in shards]}
+
+
+def _prepare_output(cfg: ReshardConfig, signature: dict) -> str:
+    """Decide between 'done', 'resume' and 'fresh'; refuses to clobber unrelated files."""
+    out, parts = cfg.output_dir, cfg.output_dir / PARTS_DIR
+    plan_file = parts / "plan.json"
+    meta_file = out / META_FILE
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("plan_signature") == signature:
+            return "done"
+        raise FileExistsError(f"{out} holds the output of a different reshard ({meta_file}); "
+                              "pass --overwrite to replace it or choose another --out")
+    if plan_file.is_file():
+        if json.loads(plan_file.read_text()) == signature:
+            return "resume"
+        raise FileExistsError(f"{out} holds an unfinished reshard of other inputs ({plan_file}); "
+                              "pass --overwrite to start again or choose another --out")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to delete its contents or "
+                              "choose another --out")
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_file, signature)
+    return "fresh"
+
+
+def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int) -> list[dict]:
+    parts = cfg.output_dir / PARTS_DIR
+    results: dict[int, dict] = {}
+    todo = []
+    for task in tasks:
+        marker = parts / f"task_{task.task_id:05d}.json"
+        if marker.is_file():
+            results[task.task_id] = json.loads(marker.read_text())
+        else:
+            todo.append(task)
+    args = lambda t: (t, str(cfg.subset_file), str(parts / f"task_{t.task_id:05d}"),  # noqa: E731
+                      cfg.shard_size, cfg.output_shard_format)
+    done_samples = sum(r["processed_count"] for r in results.values())
+    with tqdm(total=total_samples, initial=done_samples, desc="resharding", unit="sample",
+              file=sys.stderr, smoothing=0) as bar:
+        if not cfg.use_ray or len(todo) <= 1:
+            for task in todo:
+                results[task.task_id] = reshard_task(*args(task))
+                bar.update(results[task.task_id]["processed_count"])
+        else:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(num_cpus=cfg.num_workers, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            remote = ray.remote(num_cpus=1, max_retries=1)(reshard_task)
+            pending = {remote.remote(*args(t)): t for t in todo}
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    pending.pop(ref)
+                    result = ray.get(ref)
+                    results[result["task_id"]] = result
+                    bar.update(result["processed_count"])
+    return [results[t.task_id] for t in tasks]
+
+
+def _finalize(cfg: ReshardConfig, results: list[dict]) -> int:
+    """Move each task's shards to their global ids (input order) and write their _stats.json.
+
+    Idempotent: a shard already moved by an interrupted earlier finalize is left as it is.
+    """
+    out, parts = cfg.output_dir, cfg.output_dir / PARTS_DIR
+    global_id = 0
+    for result in results:
+        part_dir = parts / f"task_{result['task_id']:05d}"
+        for local_id, size in enumerate(result["shard_sizes"]):
+            src = part_dir / cfg.output_shard_format.format(local_id)
+            dst = out / cfg.output_shard_format.format(global_id)
+            if src.is_file():
+                os.replace(src, dst)
+            elif not dst.is_file():
+                raise FileNotFoundError(f"{src} is missing and {dst} was never written; rerun with "
+                                        "--overwrite to start this reshard again")
+            write_json_atomic(out / cfg.output_shard_stats_format.format(global_id), {"successes": size})
+            global_id += 1
+    return global_id
+
+
+def reshard(cfg: ReshardConfig) -> dict:
+    """Run the whole job; returns the contents of meta.json."""
+    start = time.perf_counter()
+    if not cfg.input_dir.is_dir():
+        raise FileNotFoundError(f"input shard folder {cfg.input_dir} does not exist")
+    subset = read_subset(cfg.subset_file)
+    check_sorted(subset, cfg.subset_file)
+    shards, skipped = discover_shards(cfg.input_dir, cfg.shard_format, cfg.shard_stats_format)
+    if not shards:
+        raise FileNotFoundError(f"{cfg.input_dir} holds no input shards with a _stats.json "
+                                f"(expected names like {cfg.shard_format.format(0)})")
+    for name in skipped:
+        print(f"warning: {cfg.input_dir / name} has no readable _stats.json; skipped (unfinished "
+              "download?)", file=sys.stderr)
+    signature = _plan_signature(cfg, shards)
+    state = _prepare_output(cfg, signature)
+    if state == "done":
+        meta = json.loads((cfg.output_dir / META_FILE).read_text())
+        print(f"{cfg.output_dir} already holds this reshard; nothing to do", file=sys.stderr)
+        return meta
+
+    total = shards[-1].data_start + shards[-1].size
+    num_tasks = min(len(shards), max(cfg.num_workers, math.ceil(total / cfg.max_task_samples)))
+    tasks = plan_tasks(shards, num_tasks)
+    results = _run_tasks(cfg, tasks, total)
+    output_shard_count = _finalize(cfg, results)
+    with atomic_path(cfg.output_dir / SAMPLE_IDS_FILE) as tmp:
+        shutil.copyfile(cfg.subset_file, tmp)
+
+    counts = {k: sum(r[k] for r in results) for k in TASK_COUNTERS}
+    subset_size = len(subset)
+    subset_unique = count_unique_sorted(subset)
+    warnings = [w for r in results for w in r["warnings"]]
+    meta = {
+        # the reference's argument names
+        "input_dir": str(cfg.input_dir), "output_dir": str(cfg.output_dir),
+        "subset_file": str(cfg.subset_file), "num_workers": cfg.num_workers,
+        "shard_size": cfg.shard_size, "shard_format": cfg.shard_format,
+        "output_shard_format": cfg.output_shard_format,
+        "shard_stats_format": cfg.shard_stats_format,
+        "output_shard_stats_format": cfg.output_shard_stats_format,
+        # the reference's state
+        "processed_count": counts["processed_count"], "output_count": counts["output_count"],
+        "output_shard_count": output_shard_count, "worker_success": len(results),
+        # our accounting
+        "subset_size": subset_size, "subset_unique_uids": subset_unique,
+        "selected_count": counts["selected_count"],
+        "subset_uids_not_found": subset_size - counts["output_count"],
+        "subset_unique_uids_not_found": subset_unique - counts["selected_count"],
+        "dropped_not_in_subset": counts["dropped_not_in_subset"],
+        "dropped_no_json": counts["dropped_no_json"], "dropped_bad_uid": counts["dropped_bad_uid"],
+        "input_shards": len(shards), "input_shards_skipped": skipped,
+        "expected_input_samples": total, "input_bytes": counts["input_bytes"],
+        "output_bytes": counts["output_bytes"], "tasks": len(tasks),
+        "warnings": warnings, "elapsed_s": round(time.perf_counter() - start, 3),
+        "cwd": str(Path.cwd()), "plan_signature": signature,
+    }
+    write_json_atomic(cfg.output_dir / META_FILE, meta)
+    shutil.rmtree(cfg.output_dir / PARTS_DIR, ignore_errors=True)
+    return meta
+
+
+def describe(meta: dict) -> str:
+    lines = [f"read {meta['processed_count']} samples from {meta['input_shards']} shard(s) of {meta['input_dir']}",
+             f"wrote {meta['output_count']} samples ({meta['selected_count']} distinct) in "
+             f"{meta['output_shard_count']} shard(s) to {meta['output_dir']}"]
+    if meta["subset_uids_not_found"]:
+        lines.append(f"{meta['subset_uids_not_found']} of the subset's {meta['subset_size']} uids were "
+                     f"not found in the shards ({meta['subset_unique_uids_not_found']} distinct; "
+                     "usually images that failed to download)")
+    for reason in ("dropped_no_json", "dropped_bad_uid"):
+        if meta[reason]:
+            lines.append(f"{meta[reason]} input samples {reason.replace('_', ' ')[8:]}")
+    for w in meta["warnings"]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def _input_dir(pool: Path) -> Path:
+    """A pool root (with shards/) or a folder of shards."""
+    shards = Pool(pool).shards_dir
+    return shards if shards.is_dir() else pool
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.reshard", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m pipeline.reshard --pool data/pool --subset subsets/basic.npy "
+               "--out data/train/basic\n\noutput: {:08d}.tar + {:08d}_stats.json shards, sample_ids.npy, "
+               "meta.json (counts)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pool", type=Path, help="pool folder (its shards/ are read)")
+    src.add_argument("-i", "--input-dir", type=Path, help="folder of webdataset shards (the reference's flag)")
+    parser.add_argument("-s", "--subset", "--subset-file", dest="subset", type=Path, required=True,
+                        help="subset file: sorted uids as a .npy of dtype u8,u8 (or a raw memmap of it); "
+                             "a uid listed k times is written k times")
+    parser.add_argument("-o", "--out", "--output-dir", dest="out", type=Path, required=True,
+                        help="output folder for the training shards")
+    parser.add_argument("--shard-size", type=int, default=SAMPLES_PER_SHARD,
+                        help="maximum samples per output shard (default %(default)s)")
+    parser.add_argument("-j", "--num-workers", type=int, default=os.cpu_count() or 1,
+                        help="parallel Ray tasks (default: CPU count, %(default)s)")
+    parser.add_argument("--max-task-samples", type=int, default=ReshardConfig.max_task_samples,
+                        help="input samples per task at most; smaller = finer resumption "
+                             "(default %(default)s)")
+    parser.add_argument("--shard-format", default=SHARD_FORMAT, help="input shard names (default %(default)s)")
+    parser.add_argument("--shard-stats-format", default=SHARD_STATS_FORMAT,
+                        help="input shard stats names (default %(default)s)")
+    parser.add_argument("--output-shard-format", default=SHARD_FORMAT,
+                        help="output shard names (default %(default)s)")
+    parser.add_argument("--output-shard-stats-format", default=SHARD_STATS_FORMAT,
+                        help="output shard stats names (default %(default)s)")
+    parser.add_argument("--no-ray", action="store_true", help="run in this process, one task after another")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the output folder's contents first (default: resume or refuse)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = ReshardConfig(input_dir=args.input_dir or _input_dir(args.pool), subset_file=args.subset,
+                            output_dir=args.out, shard_size=args.shard_size, num_workers=args.num_workers,
+                            max_task_samples=args.max_task_samples, shard_format=args.shard_format,
+                            shard_stats_format=args.shard_stats_format,
+                            output_shard_format=args.output_shard_format,
+                            output_shard_stats_format=args.output_shard_stats_format,
+                            overwrite=args.overwrite, use_ray=not args.no_ray)
+    except ValueError as exc:
+        parser.error(str(exc))
+    meta = reshard(cfg)
+    print(describe(meta))
+    return meta
+
+
+if __name__ == "__main__":
+    main()

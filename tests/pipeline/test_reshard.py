@@ -1,0 +1,217 @@
+import hashlib
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+import pipeline.reshard as reshard_mod
+from pipeline.reshard import InputShard, ReshardConfig, discover_shards, main, plan_tasks, reshard
+from pools.format import Pool
+from pools.uids import UID_DTYPE, uids_to_records, write_subset
+
+SHARD_SIZE = 40  # small output shards, so several are written and the size cap is exercised
+
+
+def _tar_samples(path):
+    """{key: {ext: bytes}} of one tar, read with tarfile (independent of the code under test)."""
+    out = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def _input_by_uid(pool):
+    by_uid = {}
+    for shard in Pool(pool).shard_files():
+        for files in _tar_samples(shard).values():
+            by_uid[json.loads(files["json"])["uid"]] = files
+    return by_uid
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.name != "meta.json"}
+
+
+@pytest.fixture(scope="module")
+def subset(small_pool, tmp_path_factory):
+    """A subset with duplicates, uids whose download failed, and uids foreign to the pool.
+
+    Returns (subset path, {uid: times listed}, set of uids present in the shards).
+    """
+    truth = pq.read_table(small_pool / "ground_truth.parquet").to_pydict()
+    downloaded = [u for u, ok in zip(truth["uid"], truth["downloaded"]) if ok]
+    failed = [u for u, ok in zip(truth["uid"], truth["downloaded"]) if not ok]
+    rng = np.random.default_rng(0)
+    picked = rng.choice(downloaded, size=150, replace=False).tolist()
+    multiplicity = {u: 1 for u in picked}
+    for u in picked[:20]:
+        multiplicity[u] = 2
+    for u in picked[20:25]:
+        multiplicity[u] = 3
+    for u in failed[:6]:
+        multiplicity[u] = 1
+    foreign = ["ab" * 16, "0" * 31 + "7", "f" * 32]
+    for u in foreign:
+        multiplicity[u] = 2 if u == foreign[0] else 1
+    listed = [u for u, k in multiplicity.items() for _ in range(k)]
+    rng.shuffle(listed)
+    path = tmp_path_factory.mktemp("subset") / "subset.npy"
+    write_subset(path, uids_to_records(listed))
+    return path, multiplicity, set(downloaded)
+
+
+def test_reshard_counts_bytes_and_meta(small_pool, subset, tmp_path):
+    path, multiplicity, present = subset
+    out = tmp_path / "out"
+    meta = main(["--pool", str(small_pool), "--subset", str(path), "--out", str(out),
+                 "--shard-size", str(SHARD_SIZE), "--no-ray", "-j", "2"])
+
+    expected = {u: k for u, k in multiplicity.items() if u in present}
+    listed = sum(multiplicity.values())
+    assert meta["output_count"] == sum(expected.values()) == 150 + 20 + 2 * 5
+    assert meta["selected_count"] == len(expected) == 150
+    assert meta["subset_size"] == listed
+    assert meta["subset_uids_not_found"] == listed - sum(expected.values()) == 6 + 4
+    assert meta["subset_unique_uids"] == len(multiplicity)
+    assert meta["subset_unique_uids_not_found"] == 6 + 3
+    total_in = sum(Pool(small_pool).shard_stats(s)["successes"] for s in Pool(small_pool).shard_files())
+    assert meta["processed_count"] == total_in
+    assert meta["processed_count"] == (meta["selected_count"] + meta["dropped_not_in_subset"]
+                                       + meta["dropped_no_json"] + meta["dropped_bad_uid"])
+
+    shards = sorted(out.glob("*.tar"))
+    assert [p.name for p in shards] == [f"{i:08d}.tar" for i in range(meta["output_shard_count"])]
+    inputs = _input_by_uid(small_pool)
+    seen = {}
+    for shard in shards:
+        samples = _tar_samples(shard)
+        stats = json.loads(shard.with_name(shard.stem + "_stats.json").read_text())
+        assert stats == {"successes": len(samples)}
+        assert 0 < len(samples) <= SHARD_SIZE
+        for key, files in samples.items():
+            uid, j = key.rsplit("-", 1)
+            seen.setdefault(uid, []).append(int(j))
+            assert files == inputs[uid]  # every file, byte for byte, no re-encoding
+    assert {u: sorted(js) for u, js in seen.items()} == {u: list(range(k)) for u, k in expected.items()}
+    # the subset is copied beside the shards, as the reference does
+    assert (out / "sample_ids.npy").read_bytes() == path.read_bytes()
+    on_disk = json.loads((out / "meta.json").read_text())
+    assert on_disk["output_shard_count"] == len(shards)
+    assert on_disk["output_shard_format"] == "{:08d}.tar"
+
+
+def test_ray_gives_the_same_files_and_the_trainer_reads_them(small_pool, subset, tmp_path):
+    path, multiplicity, present = subset
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    base = ["--pool", str(small_pool), "--subset", str(path), "--shard-size", str(SHARD_SIZE), "-j", "2"]
+    main(base + ["--out", str(local), "--no-ray"])
+    meta = main(base + ["--out", str(ray_out)])
+    assert meta["tasks"] == 2
+    assert _digest(local) == _digest(ray_out)
+
+    # What a trainer does with a resharded folder (DataComp's train.py does the same): read
+    # meta.json, expand {0..N-1} with output_shard_format, stream, decode.
+    urls = [str(ray_out / meta["output_shard_format"].format(i)) for i in range(meta["output_shard_count"])]
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json")
+    n = 0
+    for image, text, info in ds:
+        assert image.size[0] > 0 and isinstance(text, str) and info["uid"] in present
+        n += 1
+    assert n == meta["output_count"]
+
+
+def test_rerun_resumes_and_finished_output_is_left_alone(small_pool, subset, tmp_path, monkeypatch):
+    path, _, _ = subset
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    shards, _ = discover_shards(Pool(small_pool).shards_dir)
+    cfg = ReshardConfig(input_dir=Pool(small_pool).shards_dir, subset_file=path, output_dir=out,
+                        shard_size=SHARD_SIZE, num_workers=3, use_ray=False)
+    reshard(ReshardConfig(**{**cfg.__dict__, "output_dir": ref}))
+
+    calls, kill = [], {2}
+    real_task = reshard_mod.reshard_task
+
+    def counted_task(task, *args):
+        calls.append(task.task_id)
+        if task.task_id in kill:
+            raise RuntimeError("killed")
+        return real_task(task, *args)
+
+    monkeypatch.setattr(reshard_mod, "reshard_task", counted_task)
+    with pytest.raises(RuntimeError, match="killed"):
+        reshard(cfg)
+    assert calls == [0, 1, 2]
+    assert not (out / "meta.json").exists()
+
+    calls.clear()
+    kill.clear()
+    meta = reshard(cfg)
+    assert calls == [2]  # tasks 0 and 1 left their markers and are not redone
+    assert _digest(out) == _digest(ref)
+    assert not (out / "_parts").exists()
+
+    calls.clear()
+    assert reshard(cfg)["output_count"] == meta["output_count"]
+    assert calls == []  # finished: nothing to do
+
+    other = tmp_path / "other.npy"
+    write_subset(other, uids_to_records(["ab" * 16]))
+    with pytest.raises(FileExistsError, match="different reshard"):
+        reshard(ReshardConfig(**{**cfg.__dict__, "subset_file": other}))
+
+
+def test_refuses_foreign_output_and_unsorted_subset(small_pool, subset, tmp_path):
+    path, _, _ = subset
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        main(["--pool", str(small_pool), "--subset", str(path), "--out", str(busy), "--no-ray"])
+    assert (busy / "notes.txt").read_text() == "mine"
+
+    unsorted = tmp_path / "unsorted.npy"
+    np.save(unsorted, uids_to_records(["f" * 32, "0" * 32]))
+    with pytest.raises(ValueError, match="not sorted"):
+        main(["--pool", str(small_pool), "--subset", str(unsorted), "--out", str(tmp_path / "o"), "--no-ray"])
+
+
+def test_raw_memmap_subset_and_missing_stats(small_pool, tmp_path):
+    """A headerless u8,u8 file works; a shard without _stats.json is skipped and reported."""
+    shards_dir = tmp_path / "shards"
+    shards_dir.mkdir()
+    for p in Pool(small_pool).shards_dir.iterdir():
+        if p.name == "00000002_stats.json":
+            continue  # as if img2dataset was killed before finishing shard 2
+        (shards_dir / p.name).write_bytes(p.read_bytes())
+    truth = pq.read_table(small_pool / "ground_truth.parquet").to_pydict()
+    uids = sorted(u for u, ok in zip(truth["uid"], truth["downloaded"]) if ok)[:30]
+    raw = tmp_path / "subset.bin"
+    np.sort(uids_to_records(uids)).tofile(raw)
+    assert np.fromfile(raw, dtype=UID_DTYPE).shape == (30,)
+    meta = main(["-i", str(shards_dir), "-s", str(raw), "-o", str(tmp_path / "out"), "--no-ray"])
+    assert meta["input_shards_skipped"] == ["00000002.tar"]
+    shard_of = dict(zip(truth["uid"], truth["shard"]))
+    assert meta["output_count"] == sum(1 for u in uids if shard_of[u] != 2)
+    assert meta["subset_uids_not_found"] == sum(1 for u in uids if shard_of[u] == 2)
+
+
+def test_plan_tasks_splits_contiguously_by_samples():
+    sizes = [100, 100, 5, 300, 100, 100]
+    shards, start = [], 0
+    for i, s in enumerate(sizes):
+        shards.append(InputShard(i, f"{i}.tar", s, start))
+        start += s
+    for n in range(1, 8):
+        tasks = plan_tasks(shards, n)
+        flat = [s.shard_id for t in tasks for s in t.shards]
+        assert flat == list(range(len(sizes)))  # every shard once, in order
+        assert 1 <= len(tasks) <= n
+        assert [t.task_id for t in tasks] == list(range(len(tasks)))
+    # the reference cuts at the first shard starting at or after each multiple of ceil(705/2)
+    assert [len(t.shards) for t in plan_tasks(shards, 2)] == [4, 2]
