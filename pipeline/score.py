@@ -1,0 +1,451 @@
+"""CLIP scores and embeddings for a pool that came without them: a Ray Data job over its shards.
+
+    python -m pipeline.score --pool data/pool --model runs/teacher_b32 --as b32
+    python -m pipeline.score --pool data/pool --model ViT-B-32 --pretrained ViT-B-32-openai.pt
+
+For each image-text sample in ``<pool>/shards/*.tar`` it computes the image embedding (from the
+``.jpg``) and the text embedding (from the ``.txt``) with an open_clip model, L2-normalises them,
+stores them as float16, and takes their dot product as the score, which is what CommonPool's
+``clip_{b32,l14}_similarity_score`` columns hold. The results are joined to the metadata by uid
+and written in CommonPool's format, so every filter works on the pool afterwards:
+
+- ``metadata/<stem>.parquet``: ``clip_<arch>_similarity_score`` (float32) rewritten in place;
+- ``metadata/<stem>.npz``: ``<arch>_img`` and ``<arch>_txt`` (rows, 512 for b32 / 768 for l14),
+  row-aligned with the parquet; other keys already in the npz are kept;
+- ``score_<arch>.json`` in the pool: the model, counts per reason, timings.
+
+Rows with no image (their download failed, or the image does not decode) get a NaN score and
+all-zero embeddings: NaN never passes a score threshold, as such rows could never be trained on
+anyway; a filter using embeddings should treat an all-zero row as missing. They are counted
+(``missing_from_shards``, ``image_decode_failed``) so every row is accounted for.
+
+``--as b32|l14`` says which columns the model stands in for; the model's embedding width must
+be 512 (b32) or 768 (l14), as in CommonPool; a model of another width is refused (projecting
+it would make embeddings that no longer come from the model). Without ``--as`` the width picks.
+
+Embedding runs as a Ray Data ``map_batches`` over shards with an actor pool: each actor loads
+the model once, decodes images in a thread pool while the model runs, batches them
+(``--batch-size``) and, on a GPU (``--num-gpus`` per actor), uses bf16 autocast. Each shard's
+result is saved under ``<pool>/.scoring/<arch>/`` as soon as it is done, so a killed job
+resumes at the next shard; the metadata is rewritten only when every shard is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pools.files import atomic_path, file_fingerprint, write_json_atomic
+from pools.format import NPZ_DTYPE, NPZ_KEYS, SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
+from pools.uids import UID_DTYPE, uids_to_records
+
+ARCH_WIDTH = {"b32": NPZ_KEYS["b32_img"], "l14": NPZ_KEYS["l14_img"]}
+STAGING_DIR = ".scoring"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    pool: Path
+    model: str  # our name, an open_clip name, a run folder or a checkpoint file
+    pretrained: str | None = None  # open_clip checkpoint for a built-in name
+    arch: str | None = None  # "b32" or "l14"; None: from the model's width
+    batch_size: int = 256
+    num_actors: int = 1
+    num_gpus: float = 0.0  # per actor
+    cpus_per_actor: int = 1
+    decode_threads: int = 2
+    use_ray: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.arch is not None and self.arch not in ARCH_WIDTH:
+            raise ValueError(f"--as must be one of {', '.join(ARCH_WIDTH)}, got {self.arch!r}")
+        for name in ("batch_size", "num_actors", "cpus_per_actor", "decode_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+# --- the model --------------------------------------------------------------------------------
+def load_scoring_model(model: str, pretrained: str | None = None, device: str = "cpu"):
+    """(model, preprocess, tokenizer, description) for a run folder, checkpoint or model name.
+
+    Run folders and checkpoints go through `trainer.models.load_model`; names through
+    `trainer.models.create_model` (ours or open_clip's), with weights only from `pretrained`:
+    nothing is downloaded.
+    """
+    from trainer.models import create_model, load_model
+
+    path = Path(model)
+    if path.exists():
+        net, preprocess, tokenizer = load_model(path, device=device)
+        return net, preprocess, tokenizer, {"model": str(path), "fingerprint": _model_fingerprint(path)}
+    net, _, preprocess, tokenizer = create_model(model, pretrained=pretrained, device=device)
+    net.eval()
+    if pretrained is None:
+        print(f"warning: {model} has random weights (no --pretrained checkpoint given); its scores "
+              "say nothing about image-text agreement", file=sys.stderr)
+    desc = {"model": model, "pretrained": pretrained,
+            "fingerprint": _model_fingerprint(Path(pretrained)) if pretrained else "random-init"}
+    return net, preprocess, tokenizer, desc
+
+
+def _model_fingerprint(path: Path) -> str:
+    if path.is_dir():
+        from trainer.models import latest_checkpoint
+
+        path = latest_checkpoint(path)
+    return file_fingerprint(path)
+
+
+def embed_width(model) -> int:
+    """The width of the model's joint embedding space."""
+    proj = getattr(model, "text_projection", None)
+    if proj is not None:
+        return int(proj.shape[1]) if proj.ndim == 2 else int(proj.out_features)
+    return int(model.visual.output_dim)
+
+
+def resolve_arch(width: int, arch: str | None, model: str) -> str:
+    """Which CommonPool columns this model fills; refuses a width CommonPool does not have."""
+    if arch is None:
+        matches = [a for a, w in ARCH_WIDTH.items() if w == width]
+        if not matches:
+            raise ValueError(f"{model} makes {width}-d embeddings; CommonPool's columns are b32 (512-d) "
+                             "and l14 (768-d). Score with a model of one of those widths (e.g. train "
+                             "the teacher with embed_dim 512 or 768)")
+        return matches[0]
+    if ARCH_WIDTH[arch] != width:
+        raise ValueError(f"--as {arch} needs {ARCH_WIDTH[arch]}-d embeddings but {model} makes "
+                         f"{width}-d ones; embeddings are not projected to another width. Use a model "
+                         f"with embed_dim {ARCH_WIDTH[arch]}"
+                         + (f" or --as {[a for a, w in ARCH_WIDTH.items() if w == width][0]}"
+                            if width in ARCH_WIDTH.values() else ""))
+    return arch
+
+
+# --- per shard ------------------------------------------------------------------------------
+def _decode(preprocess, jpg: bytes):
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(jpg)) as im:
+            return preprocess(im.convert("RGB"))
+    except Exception:  # PIL raises many types for corrupt data
+        return None
+
+
+def read_shard_samples(path: str) -> list[tuple[str, bytes | None, str]]:
+    """(uid, image bytes or None, caption) per sample of one webdataset shard."""
+    from pipeline.reshard import iter_samples
+
+    out = []
+    for key, files in iter_samples(path):
+        d = dict(files)
+        try:
+            uid = json.loads(d["json"])["uid"]
+        except (KeyError, ValueError, TypeError):
+            raise PoolFormatError(f"{path}: sample {key} has no .json with a uid; shards must be "
+                                  "written with img2dataset's save_additional_columns=['uid']") from None
+        jpg = d.get("jpg", d.get("jpeg", d.get("png", d.get("webp"))))
+        text = d.get("txt", b"").decode("utf-8", errors="replace")
+        out.append((uid, jpg, text))
+    return out
+
+
+class ShardEmbedder:
+    """One model per instance (a Ray actor); embeds whole shards and saves each result."""
+
+    def __init__(self, cfg: ScoreConfig, arch: str, out_dir: str):
+        import torch
+
+        torch.set_num_threads(cfg.cpus_per_actor)
+        self.torch = torch
+        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.model, self.preprocess, self.tokenizer, _ = load_scoring_model(cfg.model, cfg.pretrained,
+                                                                            self.device)
+        self.cfg, self.arch, self.out_dir = cfg, arch, Path(out_dir)
+        self.prefetch = ThreadPoolExecutor(1)
+        self.decoders = ThreadPoolExecutor(cfg.decode_threads)
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.embed_shard(str(p)) for p in batch["shard"]]
+        return {k: [r[k] for r in results] for k in results[0]}
+
+    def _encode(self, images, texts):
+        torch = self.torch
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+        with torch.no_grad(), autocast:
+            img = self.model.encode_image(images.to(self.device)) if images is not None else None
+            txt = self.model.encode_text(self.tokenizer(texts).to(self.device))
+        img = None if img is None else torch.nn.functional.normalize(img.float(), dim=-1).cpu().numpy()
+        txt = torch.nn.functional.normalize(txt.float(), dim=-1).cpu().numpy()
+        return img, txt
+
+    def embed_shard(self, shard: str) -> dict:
+        """Embed one shard and save `<out_dir>/<shard stem>.npz`; returns counts and timings."""
+        torch = self.torch
+        t0 = time.perf_counter()
+        samples = read_shard_samples(shard)
+        read_s = time.perf_counter() - t0
+        n, width = len(samples), ARCH_WIDTH[self.arch]
+        img_emb = np.zeros((n, width), dtype=NPZ_DTYPE)
+        txt_emb = np.zeros((n, width), dtype=NPZ_DTYPE)
+        decoded_ok = np.zeros(n, dtype=bool)
+        decode_s = decode_cpu_s = model_s = 0.0
+        bs = self.cfg.batch_size
+        # Decode batch b+1 in threads while the model runs on batch b (one batch ahead only,
+        # so memory stays at two batches of decoded images).
+        starts = list(range(0, n, bs))
+        pending = self.prefetch.submit(self._decode_batch, samples[0:bs]) if n else None
+        for b, i in enumerate(starts):
+            t = time.perf_counter()
+            tensors, cpu_s = pending.result()
+            decode_s += time.perf_counter() - t
+            decode_cpu_s += cpu_s
+            if b + 1 < len(starts):
+                pending = self.prefetch.submit(self._decode_batch, samples[starts[b + 1]:starts[b + 1] + bs])
+            ok = np.array([x is not None for x in tensors], dtype=bool)
+            t = time.perf_counter()
+            images = torch.stack([x for x in tensors if x is not None]) if ok.any() else None
+            img, txt = self._encode(images, [s[2] for s in samples[i:i + bs]])
+            model_s += time.perf_counter() - t
+            txt_emb[i:i + len(ok)] = txt.astype(NPZ_DTYPE)
+            if img is not None:
+                img_emb[i:i + len(ok)][ok] = img.astype(NPZ_DTYPE)
+            decoded_ok[i:i + len(ok)] = ok
+        uids = uids_to_records([s[0] for s in samples])
+        out = self.out_dir / (Path(shard).stem + ".npz")
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, uid=uids, img=img_emb, txt=txt_emb, decoded=decoded_ok)
+        return {"shard": shard, "samples": n, "decode_failed": int(n - decoded_ok.sum()),
+                "read_s": read_s, "decode_s": decode_cpu_s, "decode_wait_s": decode_s, "model_s": model_s,
+                "total_s": time.perf_counter() - t0}
+
+    def _decode_batch(self, samples):
+        """(preprocessed image tensors or None per sample, seconds spent)."""
+        t = time.perf_counter()
+        out = list(self.decoders.map(lambda s: None if s[1] is None else _decode(self.preprocess, s[1]),
+                                     samples))
+        return out, time.perf_counter() - t
+
+
+def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path) -> list[dict]:
+    """Embed every shard whose result is not saved yet; in this process or as a Ray Data job."""
+    todo = [s for s in shards if not (out_dir / (s.stem + ".npz")).is_file()]
+    results: list[dict] = []
+    if not todo:
+        return results
+    bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"embedding ({arch})",
+               unit="shard", file=sys.stderr)
+    if not cfg.use_ray:
+        embedder = ShardEmbedder(cfg, arch, str(out_dir))
+        for shard in todo:
+            results.append(embedder.embed_shard(str(shard)))
+            bar.update(1)
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ds = ray.data.from_items([{"shard": str(s)} for s in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(ShardEmbedder, fn_constructor_args=(cfg, arch, str(out_dir)), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(todo))),
+                            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus or None)
+        for row in ds.iter_rows():
+            results.append(dict(row))
+            bar.update(1)
+    bar.close()
+    return results
+
+
+# --- joining results to the metadata ----------------------------------------------------------
+def load_staged(out_dir: Path, shards: list[Path]) -> dict[str, np.ndarray]:
+    """All shards' results, sorted by uid (the join index)."""
+    parts = []
+    for shard in shards:
+        with np.load(out_dir / (shard.stem + ".npz")) as z:
+            parts.append({k: z[k] for k in ("uid", "img", "txt", "decoded")})
+    merged = {k: np.concatenate([p[k] for p in parts]) if parts else None for k in ("uid", "img", "txt", "decoded")}
+    if not parts:
+        return {"uid": np.empty(0, UID_DTYPE)}
+    order = np.argsort(merged["uid"], kind="stable")
+    return {k: v[order] for k, v in merged.items()}
+
+
+def write_scores(parquet: Path, arch: str, staged: dict[str, np.ndarray]) -> dict[str, int]:
+    """Fill one metadata file's score column and npz keys from the staged results; returns counts."""
+    table = pq.read_table(parquet)
+    read_metadata(parquet, ["uid", SCORE_COLUMNS[arch]])  # schema check with a clear error
+    n = table.num_rows
+    width = ARCH_WIDTH[arch]
+    records = uids_to_records(table.column("uid"))
+    index = np.searchsorted(staged["uid"], records) if len(staged["uid"]) else np.zeros(n, dtype=np.int64)
+    found = np.zeros(n, dtype=bool)
+    if len(staged["uid"]):
+        clipped = np.minimum(index, len(staged["uid"]) - 1)
+        found = staged["uid"][clipped] == records
+        index = clipped
+    img = np.zeros((n, width), dtype=NPZ_DTYPE)
+    txt = np.zeros((n, width), dtype=NPZ_DTYPE)
+    has_image = np.zeros(n, dtype=bool)
+    if found.any():
+        rows = index[found]
+        img[found], txt[found] = staged["img"][rows], staged["txt"][rows]
+        has_image[found] = staged["decoded"][rows]
+    scores = (img.astype(np.float32) * txt.astype(np.float32)).sum(axis=1)
+    scores[~has_image] = np.nan
+    img[~has_image] = 0
+    txt[~has_image] = 0
+
+    column = SCORE_COLUMNS[arch]
+    table = table.set_column(table.schema.get_field_index(column), pa.field(column, pa.float32()),
+                             pa.array(scores, type=pa.float32()))
+    npz_path = Pool.npz_for(parquet)
+    arrays = {}
+    if npz_path.is_file():
+        with np.load(npz_path) as z:
+            arrays = {k: z[k] for k in z.files if k not in (f"{arch}_img", f"{arch}_txt")}
+        for k, v in arrays.items():
+            if len(v) != n:
+                raise PoolFormatError(f"{npz_path}: key {k!r} has {len(v)} rows but {parquet.name} has {n}")
+    arrays[f"{arch}_img"], arrays[f"{arch}_txt"] = img, txt
+    with atomic_path(npz_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    with atomic_path(parquet) as tmp:
+        pq.write_table(table, tmp)
+    return {"rows": n, "scored": int(has_image.sum()), "missing_from_shards": int((~found).sum()),
+            "image_decode_failed": int((found & ~has_image).sum())}
+
+
+# --- the job ----------------------------------------------------------------------------------
+def score_pool(cfg: ScoreConfig) -> dict:
+    """Embed the pool's shards and write scores + embeddings into its metadata; returns the summary."""
+    start = time.perf_counter()
+    pool = Pool(cfg.pool)
+    metadata_files = pool.metadata_files()
+    shards = pool.shard_files()
+    if not shards:
+        raise PoolFormatError(f"{pool.shards_dir} holds no shards: scoring needs the images "
+                              "(download them with python -m pools.download)")
+    probe, _, _, desc = load_scoring_model(cfg.model, cfg.pretrained)
+    arch = resolve_arch(embed_width(probe), cfg.arch, cfg.model)
+    del probe
+    summary_path = pool.root / f"score_{arch}.json"
+    signature = {**desc, "arch": arch, "shards": [[s.name, s.stat().st_size] for s in shards]}
+    if summary_path.is_file() and not cfg.overwrite:
+        previous = json.loads(summary_path.read_text())
+        if previous.get("signature") == signature:
+            print(f"{pool.root} is already scored with this model ({summary_path}); nothing to do",
+                  file=sys.stderr)
+            return previous
+    out_dir = pool.root / STAGING_DIR / arch
+    sig_path = out_dir / "signature.json"
+    if out_dir.exists() and (cfg.overwrite or not sig_path.is_file()
+                             or json.loads(sig_path.read_text()) != signature):
+        shutil.rmtree(out_dir)  # results of another model or other shards: not reusable
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(sig_path, signature)
+
+    t_embed = time.perf_counter()
+    results = embed_shards(cfg, arch, shards, out_dir)
+    embed_s = time.perf_counter() - t_embed
+    staged = load_staged(out_dir, shards)
+    counts = {"rows": 0, "scored": 0, "missing_from_shards": 0, "image_decode_failed": 0}
+    for parquet in tqdm(metadata_files, desc="writing scores", unit="file", file=sys.stderr):
+        for k, v in write_scores(parquet, arch, staged).items():
+            counts[k] += v
+    in_metadata = np.zeros(len(staged["uid"]), dtype=bool)
+    for parquet in metadata_files:
+        recs = np.sort(uids_to_records(read_metadata(parquet, ["uid"]).column("uid")))
+        pos = np.minimum(np.searchsorted(recs, staged["uid"]), max(len(recs) - 1, 0))
+        in_metadata |= (recs[pos] == staged["uid"]) if len(recs) else False
+    summary = {
+        "arch": arch, "score_column": SCORE_COLUMNS[arch], "npz_keys": [f"{arch}_img", f"{arch}_txt"],
+        **counts, "shard_samples": int(len(staged["uid"])),
+        "shard_samples_not_in_metadata": int((~in_metadata).sum()),
+        "shards": len(shards), "shards_embedded_this_run": len(results),
+        "embed_s": round(embed_s, 3), "total_s": round(time.perf_counter() - start, 3),
+        "timing_per_shard": {k: round(sum(r[k] for r in results), 3)
+                             for k in ("read_s", "decode_s", "decode_wait_s", "model_s", "total_s")} if results else {},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "signature": signature,
+    }
+    write_json_atomic(summary_path, summary)
+    shutil.rmtree(pool.root / STAGING_DIR / arch)
+    if not any((pool.root / STAGING_DIR).iterdir()):
+        (pool.root / STAGING_DIR).rmdir()
+    return summary
+
+
+def describe(summary: dict) -> str:
+    return (f"{summary['score_column']}: {summary['scored']} of {summary['rows']} rows scored; "
+            f"{summary['missing_from_shards']} rows have no image in the shards and "
+            f"{summary['image_decode_failed']} images did not decode (score NaN, embeddings zero); "
+            f"{summary['shard_samples_not_in_metadata']} shard samples are not in the metadata")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.score", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m pipeline.score --pool data/pool --model runs/teacher_b32 --as b32\n"
+               "  python -m pipeline.score --pool data/pool --model ViT-L-14 --pretrained l14.pt --as l14 "
+               "--num-gpus 1 --num-actors 8\n\n"
+               "writes clip_<arch>_similarity_score into metadata/*.parquet, <arch>_img/_txt into the npz "
+               "beside each, and score_<arch>.json with counts")
+    parser.add_argument("--pool", type=Path, required=True, help="pool folder with metadata/ and shards/")
+    parser.add_argument("--model", required=True,
+                        help="a training run folder, a checkpoint file, or a model name (ours, e.g. tiny, or "
+                             "open_clip's, e.g. ViT-B-32)")
+    parser.add_argument("--pretrained", default=None,
+                        help="open_clip checkpoint file for a model name (nothing is downloaded; without it "
+                             "a named model has random weights)")
+    parser.add_argument("--as", dest="arch", choices=sorted(ARCH_WIDTH), default=None,
+                        help="which CommonPool columns to fill: b32 (512-d) or l14 (768-d); default: from "
+                             "the model's embedding width")
+    parser.add_argument("--batch-size", type=int, default=ScoreConfig.batch_size,
+                        help="images per model call (default %(default)s)")
+    parser.add_argument("--num-actors", type=int, default=1, help="model replicas (Ray actors) (default 1)")
+    parser.add_argument("--num-gpus", type=float, default=0.0,
+                        help="GPUs per actor; > 0 runs the model on CUDA with bf16 autocast (default 0)")
+    parser.add_argument("--cpus-per-actor", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                        help="torch threads per actor (default %(default)s)")
+    parser.add_argument("--decode-threads", type=int, default=2,
+                        help="image decode threads per actor (default %(default)s)")
+    parser.add_argument("--no-ray", action="store_true", help="run in this process, shard after shard")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute even if the pool is already scored with this model")
+    args = parser.parse_args(argv)
+    try:
+        cfg = ScoreConfig(pool=args.pool, model=args.model, pretrained=args.pretrained, arch=args.arch,
+                          batch_size=args.batch_size, num_actors=args.num_actors, num_gpus=args.num_gpus,
+                          cpus_per_actor=args.cpus_per_actor, decode_threads=args.decode_threads,
+                          use_ray=not args.no_ray, overwrite=args.overwrite)
+    except ValueError as exc:
+        parser.error(str(exc))
+    summary = score_pool(cfg)
+    print(describe(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
