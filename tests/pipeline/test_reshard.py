@@ -125,6 +125,15 @@ def test_ray_gives_the_same_files_and_the_trainer_reads_them(small_pool, subset,
         n += 1
     assert n == meta["output_count"]
 
+    try:  # our trainer's shard lister and reader, once trainer.data exists
+        from trainer.data import expand_shards, iter_tar_samples
+    except ImportError:
+        return
+    assert expand_shards(str(ray_out)) == urls
+    keys = [key for url in urls for key, _ in iter_tar_samples(url)]
+    assert len(keys) == meta["output_count"]
+    assert all(key.rsplit("-", 1)[0] in present for key in keys)
+
 
 def test_rerun_resumes_and_finished_output_is_left_alone(small_pool, subset, tmp_path, monkeypatch):
     path, _, _ = subset
