@@ -144,6 +144,7 @@ def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.scale}", unit="step",
                disable=not (env.is_master and cfg.progress), dynamic_ncols=True)
     t_start = time.time()
+    step_seconds: list[float] = []  # this process's steps, data wait included
     for epoch in range(start_epoch, cfg.num_checkpoints):
         model.train()
         local = tuple(rank_share(n, env.world_size, env.rank) for n in plan[epoch])
@@ -176,6 +177,7 @@ def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict:
             with torch.no_grad():
                 bare.logit_scale.clamp_(0, math.log(100))
             step_time = time.time() - t_data
+            step_seconds.append(step_time)
             loss_value = all_reduce_mean(loss.item(), env)
             losses.append(loss_value)
             counters.update(batch_counts)
@@ -217,6 +219,8 @@ def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict:
         "final_loss": losses[-1] if losses else None,
         "resumed_from": str(resume_from) if resume_from else None,
         "wall_s_this_process": round(time.time() - t_start, 2),
+        "steady_samples_per_second": _steady_rate(step_seconds, budget.batch_size),
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if env.device.startswith("cuda") else None,
         "checkpoint": str(out / "checkpoints" / "epoch_latest.pt"),
         "versions": _versions(),
     }
@@ -236,6 +240,12 @@ def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict:
         write_json_atomic(out / "manifest.json", manifest)
     barrier(env)
     return manifest
+
+
+def _steady_rate(step_seconds: list[float], global_batch: int, skip: int = 3) -> float | None:
+    """Global samples per second over full steps, the first `skip` (warm-up) left out."""
+    steady = step_seconds[skip:-1] if len(step_seconds) > skip + 1 else step_seconds
+    return round(global_batch * len(steady) / sum(steady), 2) if steady and sum(steady) > 0 else None
 
 
 def _check_same_config(out: Path, cfg: TrainConfig, *, resuming: bool) -> None:
