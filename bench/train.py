@@ -5,8 +5,8 @@
                                                 # on a GPU: ViT-B-32 at 224 px, bf16
 
 Prints one JSON line: steady-state samples/s of each trainer (the first 3 steps left out;
-per-step times, data wait included), their ratio (ours / open_clip_train), peak memory (max
-RSS of the process tree on CPU, max allocated on GPU) and the model's forward FLOPs per
+per-step times, data wait included), their ratio (ours / open_clip_train), peak memory (the
+largest max-RSS of any one process on CPU; max allocated on GPU) and the model's forward FLOPs per
 sample (image + text tower, from torch's FLOP counter), from which MFU =
 3 * flops_per_sample * samples/s / peak device FLOP/s.
 """
