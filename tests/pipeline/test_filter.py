@@ -1,0 +1,194 @@
+"""Every strategy's uids equal a row-by-row re-statement of DataComp's rule, quirks included."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the DataComp re-statement
+
+import datacomp_reference as ref  # noqa: E402
+from filter_pools import make_centroids_and_targets, make_quirky_pool  # noqa: E402
+from pipeline.filter import main  # noqa: E402
+from pipeline.strategies import STRATEGIES  # noqa: E402
+from pools.uids import UID_DTYPE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return make_quirky_pool(tmp_path_factory.mktemp("filter") / "pool")
+
+
+@pytest.fixture(scope="module")
+def image_inputs(pool, tmp_path_factory):
+    return make_centroids_and_targets(pool, tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture(scope="module")
+def models():
+    return ref.Models()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def all_run(pool, image_inputs, ray_cluster, tmp_path_factory):
+    """`--strategy all` once, on Ray with 2 workers."""
+    out = tmp_path_factory.mktemp("all")
+    centroids, targets = image_inputs
+    stats = main(["--pool", str(pool), "--strategy", "all", "--centroids", str(centroids), "--targets",
+                  str(targets), "--out", str(out), "--num-workers", "2", "--signals-dir", str(out / "signals"),
+                  "--quiet"])
+    return out, stats
+
+
+def _uids(path: Path) -> np.ndarray:
+    arr = np.load(path)
+    assert arr.dtype == UID_DTYPE and arr.ndim == 1
+    assert (np.sort(arr) == arr).all()
+    return arr
+
+
+def test_pool_has_the_quirks(pool):
+    import pandas as pd
+
+    df = pd.concat([pd.read_parquet(p) for p in ref.parquet_paths(pool)])
+    assert df.text.isna().any() and (df.text == "").any() and df.text.str.contains("\n", na=False).any()
+    assert df.clip_l14_similarity_score.isna().sum() > 30
+    t = ref.get_threshold(pool, "clip_l14_similarity_score", 0.3)
+    assert (df.clip_l14_similarity_score == t).sum() >= 12  # ties at the fraction threshold
+    assert (df.clip_b32_similarity_score == np.float32(0.28)).sum() >= 3
+
+
+def test_no_filter(all_run, pool):
+    assert (_uids(all_run[0] / "no_filter.npy") == ref.no_filter(pool)).all()
+
+
+def test_basic(all_run, pool, models):
+    got, want = _uids(all_run[0] / "basic.npy"), ref.basic(pool, models)
+    assert len(want) > 100 and (got.shape == want.shape) and (got == want).all()
+
+
+def test_text(all_run, pool, models):
+    got, want = _uids(all_run[0] / "text.npy"), ref.text_based(pool, models)
+    assert len(want) > 100 and (got.shape == want.shape) and (got == want).all()
+
+
+def test_clip_fraction_with_ties_and_nan(all_run, pool):
+    got, want = _uids(all_run[0] / "clip.npy"), ref.clip_score(pool, "l14", fraction=0.3)
+    assert got.shape == want.shape and (got == want).all()
+    n = int(1200 * 0.3)
+    assert len(got) > n + 1  # the ties at the threshold are all kept
+
+
+def test_laion(all_run, pool, models):
+    got, want = _uids(all_run[0] / "laion.npy"), ref.laion2b(pool, models)
+    assert len(want) > 20 and got.shape == want.shape and (got == want).all()
+
+
+def test_image(all_run, pool, models, image_inputs):
+    c, t = (np.load(p) for p in image_inputs)
+    got, want = _uids(all_run[0] / "image.npy"), ref.image_based(pool, models, c, t)
+    assert len(want) > 20 and got.shape == want.shape and (got == want).all()
+
+
+def test_image_clip(all_run, pool, models, image_inputs):
+    c, t = (np.load(p) for p in image_inputs)
+    got = _uids(all_run[0] / "image_clip.npy")
+    want = ref.image_based(pool, models, c, t, arch="l14", fraction=0.3)
+    assert len(want) > 5 and got.shape == want.shape and (got == want).all()
+
+
+def test_stats_account_for_every_row(all_run):
+    out, stats = all_run
+    on_disk = json.loads((out / "stats.json").read_text())
+    assert on_disk == json.loads(json.dumps(stats))
+    assert set(on_disk["strategies"]) == set(STRATEGIES)
+    assert on_disk["rows_read"] == 1200
+    assert on_disk["captions_unreadable"]["null"] > 0
+    for name, s in on_disk["strategies"].items():
+        assert s["rows"] == 1200
+        assert s["rows"] == s["kept"] + sum(s["dropped"].values()), name
+        assert s["kept"] == len(np.load(out / f"{name}.npy")), name
+        if s["funnel"]:
+            assert s["funnel"][-1]["remaining"] == s["kept"]
+    basic = on_disk["strategies"]["basic"]
+    assert [f["rule"] for f in basic["funnel"]] == ["caption_readable", "fasttext_en", "caption_words_gt_2",
+                                                    "caption_chars_gt_5", "min_side_ge_200", "aspect_le_3"]
+    assert on_disk["fraction_threshold"]["rank"] == 360
+
+
+def test_manifest(all_run):
+    out, _ = all_run
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["signals"]["groups"] == ["base", "caption", "entity", "cld3", "centroid"]
+    assert m["signals"]["files_computed"] == 4
+    assert m["models"]["fasttext_lid"]["path"].endswith("lid.176.ftz")
+    assert m["models"]["centroids"]["shape"] == [13, 768]
+    assert {"numpy", "pyarrow", "ray", "nltk"} <= set(m["versions"])
+    assert m["timings"]["total_s"] > 0
+    assert len(m["pool"]["inputs"]) == 4
+    for name, s in m["strategies"].items():
+        assert s["output"]["uids"] == len(np.load(out / f"{name}.npy"))
+
+
+def test_signals_table(all_run, pool):
+    out, _ = all_run
+    table = pq.read_table(out / "signals")
+    assert table.num_rows == 1200
+    for col in ("uid_hi", "uid_lo", "file", "row", "fasttext_lang", "caption_words", "imagenet21k_entity",
+                "cld3_lang", "nearest_centroid", "min_side", "clip_l14_similarity_score"):
+        assert col in table.column_names
+
+
+@pytest.mark.parametrize("arch,threshold,fraction", [("b32", 0.28, None), ("l14", None, 0.1), ("b32", None, 0.0),
+                                                     ("l14", 0.25, None)])
+def test_clip_variants(pool, tmp_path, arch, threshold, fraction):
+    args = ["--pool", str(pool), "--strategy", "clip_score", "--arch", arch, "--out", str(tmp_path), "--quiet"]
+    args += ["--threshold", str(threshold)] if threshold is not None else ["--fraction", str(fraction)]
+    main(args)
+    got = _uids(tmp_path / "clip.npy")
+    want = ref.clip_score(pool, arch, threshold=threshold, fraction=fraction)
+    assert got.shape == want.shape and (got == want).all()
+
+
+def test_image_clip_b32_threshold_and_datacomp_names(pool, models, image_inputs, tmp_path):
+    centroids, targets = image_inputs
+    main(["--pool", str(pool), "--strategy", "image_based_intersect_clip_score", "basic_filter", "--arch", "b32",
+          "--threshold", "0.2", "--centroids", str(centroids), "--targets", str(targets), "--out", str(tmp_path),
+          "--executor", "local", "--signals-dir", str(tmp_path / "signals"), "--quiet"])
+    c, t = np.load(centroids), np.load(targets)
+    want = ref.image_based(pool, models, c, t, arch="b32", threshold=0.2)
+    assert (_uids(tmp_path / "image_clip.npy") == want).all()
+    assert (_uids(tmp_path / "basic.npy") == ref.basic(pool, models)).all()
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["basic.npy", "image_clip.npy"]
+
+
+def test_text_with_current_nltk_morphy(pool, models, tmp_path):
+    main(["--pool", str(pool), "--strategy", "text", "--nltk-morphy", "current", "--out", str(tmp_path),
+          "--executor", "local", "--signals-dir", str(tmp_path / "signals"), "--quiet"])
+    got = _uids(tmp_path / "text.npy")
+    assert (got == ref.text_based(pool, models, nltk_381=False)).all()
+    assert len(got) < len(ref.text_based(pool, models, nltk_381=True))  # "my dogss ..." rows differ
+
+
+def test_later_runs_add_strategies_to_the_same_folder(pool, tmp_path):
+    common = ["--pool", str(pool), "--out", str(tmp_path), "--executor", "local", "--quiet",
+              "--signals-dir", str(tmp_path / "signals")]
+    main(common + ["--strategy", "no_filter"])
+    main(common + ["--strategy", "basic"])
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert list(stats["strategies"]) == ["no_filter", "basic"]
