@@ -100,22 +100,25 @@ def resolve_targets(paths: Sequence[str | os.PathLike], *, model: str | None = N
                 raise ModelInputError(f"--targets {path} is an image folder: give --targets-model (an "
                                       "open_clip name with --targets-pretrained, a checkpoint, or a run "
                                       "folder) to embed it")
+            model_key = _model_key(model, pretrained)
             key = hashlib.sha256(f"{path.resolve()}|{folder_fingerprint(path)}|{model}|{pretrained}|"
-                                 f"{_model_key(model, pretrained)}".encode()).hexdigest()[:16]
-            cache = Path(cache_dir) / f"targets_{key}.npy"
-            if cache.is_file():
+                                 f"{model_key}".encode()).hexdigest()[:16]
+            cache = Path(cache_dir) / f"targets_{key}.npy" if model_key != "random-init" else None
+            if cache is not None and cache.is_file():
                 arr = np.load(cache)
             else:
                 print(f"embedding target images in {path} with {model}", file=sys.stderr)
                 arr = embed_image_folder(path, model, pretrained, device=device)
-                with atomic_path(cache) as tmp:
-                    np.save(tmp, arr)
+                if cache is not None:  # random weights differ every time: nothing to reuse
+                    with atomic_path(cache) as tmp:
+                        with open(tmp, "wb") as f:
+                            np.save(f, arr)
             if arr.shape[1] != dim:
                 raise ModelInputError(f"{model} embeds {path} into {arr.shape[1]}-d vectors; the pool's "
                                       f"l14_img embeddings are {dim}-d")
             parts.append(arr)
             described.append({"folder": str(path), "model": model, "pretrained": pretrained,
-                              "rows": int(len(arr)), "cache": str(cache)})
+                              "rows": int(len(arr)), "cache": str(cache) if cache else None})
         else:
             arr = load_targets([path], dim=dim)
             parts.append(arr)
@@ -133,4 +136,4 @@ def _model_key(model: str, pretrained: str | None) -> str:
                 files = sorted(p.rglob("*.pt"))
                 return file_fingerprint(files[-1]) if files else "empty"
             return file_fingerprint(p)
-    return "name-only"
+    return "random-init" if pretrained is None else f"named:{pretrained}"

@@ -85,7 +85,7 @@ def make_centroids_and_targets(pool: Path, out: Path, *, k: int = 12, seed: int 
     emb = np.concatenate([np.load(p)["l14_img"] for p in sorted((pool / "metadata").glob("*.npz"))])
     c = emb[rng.choice(len(emb), k, replace=False)].astype(np.float32)
     c = np.concatenate([c, c[3:4]])  # centroid k duplicates centroid 3
-    targets = np.concatenate([c[[0, 3, 7]] * 2 + rng.standard_normal((3, c.shape[1])).astype(np.float32) * 1e-3,
+    targets = np.concatenate([c[[0, 3, k - 2]] * 2 + rng.standard_normal((3, c.shape[1])).astype(np.float32) * 1e-3,
                               c[[k]]])  # equal to the duplicate: goes to centroid 3
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "centroids.npy", c)

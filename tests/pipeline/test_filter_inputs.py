@@ -1,0 +1,176 @@
+"""Bad input: each is a clear error naming the file, or a skip that stats.json accounts for."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the DataComp re-statement
+
+import datacomp_reference as ref  # noqa: E402
+from filter_pools import make_centroids_and_targets  # noqa: E402
+from pipeline.filter import FilterError, main  # noqa: E402
+from pipeline.models import ModelInputError  # noqa: E402
+from pools.format import PoolFormatError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base_pool(tmp_path_factory):
+    from pools.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("inputs") / "pool"
+    generate(out, SynthConfig(samples=600, seed=21, rows_per_file=200, images=False, random_scores=True))
+    return out
+
+
+@pytest.fixture
+def pool(base_pool, tmp_path):
+    """A fresh copy of the pool for each test to break."""
+    dst = tmp_path / "pool"
+    shutil.copytree(base_pool, dst)
+    return dst
+
+
+def _files(pool):
+    return sorted((pool / "metadata").glob("*.parquet"))
+
+
+def _run(pool, out, *strategy, extra=()):
+    return main(["--pool", str(pool), "--strategy", *strategy, "--out", str(out), "--executor", "local",
+                 "--quiet", *extra])
+
+
+@pytest.mark.parametrize("strategy,column", [("basic", "original_width"), ("clip", "clip_l14_similarity_score"),
+                                             ("laion", "clip_b32_similarity_score"), ("text", "text")])
+def test_missing_column_names_file_and_column(pool, tmp_path, strategy, column):
+    bad = _files(pool)[1]
+    table = pq.read_table(bad)
+    pq.write_table(table.drop_columns([column]), bad)
+    with pytest.raises(PoolFormatError, match=rf"{bad.name}.*'{column}' is missing"):
+        _run(pool, tmp_path / "out", strategy)
+
+
+def test_npz_rows_differ_from_parquet(pool, tmp_path):
+    bad = _files(pool)[2]
+    npz = bad.with_suffix(".npz")
+    with np.load(npz) as z:
+        arrays = {k: z[k][:-3] for k in z.files}
+    np.savez(npz, **arrays)
+    c, t = make_centroids_and_targets(pool, tmp_path / "image", k=6)
+    with pytest.raises(PoolFormatError, match=rf"{npz.name} has 197 rows for 'l14_img' but {bad.name} has 200"):
+        _run(pool, tmp_path / "out", "image", extra=("--centroids", str(c), "--targets", str(t)))
+
+
+def test_image_without_npz_says_which_file(pool, tmp_path):
+    missing = _files(pool)[0].with_suffix(".npz")
+    missing.unlink()
+    c, t = make_centroids_and_targets(pool, tmp_path / "image", k=6)
+    with pytest.raises(FilterError, match=rf"{missing.name} is missing"):
+        _run(pool, tmp_path / "out", "image", extra=("--centroids", str(c), "--targets", str(t)))
+    # with "all", the image strategies are skipped and say why; the others run
+    stats = _run(pool, tmp_path / "out", "all", extra=("--centroids", str(c), "--targets", str(t)))
+    assert set(stats["strategies_skipped"]) == {"image", "image_clip"}
+    assert "npz" in stats["strategies_skipped"]["image"]
+    assert (tmp_path / "out" / "basic.npy").is_file() and not (tmp_path / "out" / "image.npy").exists()
+
+
+def test_image_without_centroids_or_targets(pool, tmp_path):
+    with pytest.raises(FilterError, match="pipeline.centroids"):
+        _run(pool, tmp_path / "out", "image")
+    c, _ = make_centroids_and_targets(pool, tmp_path / "image", k=6)
+    with pytest.raises(FilterError, match="--targets"):
+        _run(pool, tmp_path / "out", "image", extra=("--centroids", str(c)))
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((4, 512), np.float32))
+    with pytest.raises(ModelInputError, match="width 512"):
+        _run(pool, tmp_path / "out", "image", extra=("--centroids", str(bad), "--targets", str(bad)))
+
+
+@pytest.mark.parametrize("strategy", ["basic", "clip"])
+def test_corrupt_parquet_is_an_error_or_an_accounted_skip(pool, tmp_path, strategy):
+    bad = _files(pool)[0]
+    bad.write_bytes(b"PAR1 this is not a parquet file" * 10)
+    with pytest.raises(PoolFormatError, match=rf"{bad.name}: not a readable parquet file"):
+        _run(pool, tmp_path / "out", strategy)
+    stats = _run(pool, tmp_path / "skip", strategy, extra=("--on-bad-file", "skip"))
+    assert [s["file"] for s in stats["files_skipped"]] == [bad.name]
+    assert "not a readable parquet" in stats["files_skipped"][0]["reason"]
+    assert stats["rows_read"] == 400
+    kept = np.load(tmp_path / "skip" / f"{strategy}.npy")
+    assert stats["strategies"][strategy]["kept"] == len(kept)
+    # the other files are filtered exactly as if the bad one were not there
+    bad.unlink()
+    bad.with_suffix(".npz").unlink()
+    want = ref.basic(pool, ref.Models()) if strategy == "basic" else ref.clip_score(pool, "l14", fraction=0.3)
+    if strategy == "basic":
+        assert (kept == want).all()
+    else:  # the fraction is of the rows read
+        assert len(kept) == len(want)
+
+
+def _with_invalid_utf8(path: Path, rows: list[int]) -> None:
+    table = pq.read_table(path)
+    texts = [(t or "").encode() for t in table.column("text").to_pylist()]
+    for r in rows:
+        texts[r] = b"caf\xe9 au lait \xff\xfe photo"  # Latin-1 bytes, not UTF-8
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in texts])]).astype(np.int32)
+    arr = pa.Array.from_buffers(pa.string(), len(texts), [None, pa.py_buffer(offsets.tobytes()),
+                                                         pa.py_buffer(b"".join(texts))])
+    pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", arr), path)
+
+
+def test_non_utf8_captions_are_counted_not_fatal(pool, tmp_path):
+    bad = _files(pool)[1]
+    _with_invalid_utf8(bad, [3, 50, 51])
+    stats = _run(pool, tmp_path / "out", "no_filter", "basic", "text", "laion")
+    assert stats["captions_unreadable"]["not_utf8"] == 3
+    assert stats["strategies"]["no_filter"]["kept"] == 600
+    for name in ("basic", "text"):
+        funnel = stats["strategies"][name]["funnel"]
+        assert funnel[0]["rule"] == "caption_readable" and funnel[0]["dropped"] >= 3
+    uid = pq.read_table(bad, columns=["uid"]).column("uid")[3].as_py()
+    rec = (int(uid[:16], 16), int(uid[16:], 16))
+    for name in ("basic", "text", "laion"):
+        assert rec not in set(map(tuple, np.load(tmp_path / "out" / f"{name}.npy").tolist()))
+
+
+def test_bad_uid_names_file_and_row(pool, tmp_path):
+    bad = _files(pool)[2]
+    table = pq.read_table(bad)
+    uids = table.column("uid").to_pylist()
+    uids[7] = "z" * 32
+    pq.write_table(table.set_column(0, "uid", pa.array(uids)), bad)
+    for strategy in ("no_filter", "basic"):
+        with pytest.raises(PoolFormatError, match=rf"{bad.name}.*uid.*row 7"):
+            _run(pool, tmp_path / strategy, strategy)
+
+
+def test_missing_pool_says_how_to_get_one(tmp_path):
+    with pytest.raises(FilterError, match=r"pools\.synth.*|pools\.download"):
+        main(["--pool", str(tmp_path / "nowhere"), "--strategy", "basic", "--out", str(tmp_path / "o"), "--quiet"])
+    with pytest.raises(FilterError, match=r"pools\.download --scale small"):
+        main(["--scale", "small", "--data-root", str(tmp_path), "--strategy", "basic", "--out",
+              str(tmp_path / "o"), "--quiet"])
+
+
+def test_unscored_pool_is_an_error_not_an_empty_subset(tmp_path):
+    from pools.synth import SynthConfig, generate
+
+    pool = generate(tmp_path / "unscored", SynthConfig(samples=200, seed=2, images=False)) and tmp_path / "unscored"
+    with pytest.raises(FilterError, match="clip_l14_similarity_score is empty.*pipeline.score"):
+        _run(pool, tmp_path / "out", "clip")
+
+
+def test_cli_exit_code_and_message(pool, tmp_path):
+    import subprocess
+
+    bad = _files(pool)[0]
+    bad.write_bytes(b"garbage")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.filter", "--pool", str(pool), "--strategy", "basic",
+                           "--out", str(tmp_path / "o"), "--executor", "local"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: not a readable parquet file")
