@@ -84,7 +84,7 @@ def write_subset(path: str | os.PathLike, records: np.ndarray | Iterable[np.ndar
         records = np.concatenate(parts) if parts else np.empty(0, dtype=UID_DTYPE)
     if records.dtype != UID_DTYPE:
         raise ValueError(f"subset records must have dtype {UID_DTYPE}, got {records.dtype}")
-    records = np.sort(records, kind="stable")
+    records = sort_records(records)
     path = Path(path)
     if path.suffix != ".npy":
         raise ValueError(f"subset file {path} must end in .npy (np.save format)")
@@ -92,6 +92,22 @@ def write_subset(path: str | os.PathLike, records: np.ndarray | Iterable[np.ndar
         with open(tmp, "wb") as f:
             np.save(f, records)
     return len(records)
+
+
+def sort_records(records: np.ndarray) -> np.ndarray:
+    """``np.sort`` of ``u8,u8`` records (by upper, then lower 64 bits), several times faster.
+
+    NumPy sorts structured arrays field by field through generic comparisons (about 1 s for
+    2M uids); an integer sort of the upper halves, then a lexsort only if two are equal, gives
+    the same bytes.
+    """
+    if len(records) < 2:
+        return records.copy()
+    hi = records["f0"]
+    ordered = records[np.argsort(hi)]
+    if (ordered["f0"][1:] == ordered["f0"][:-1]).any():  # equal upper halves: also order the lower
+        ordered = records[np.lexsort((records["f1"], hi))]
+    return ordered
 
 
 def read_subset(path: str | os.PathLike) -> np.ndarray:

@@ -77,3 +77,16 @@ def test_read_subset_rejects_wrong_dtype_and_ragged_raw(tmp_path):
     (tmp_path / "ragged.bin").write_bytes(b"x" * 17)
     with pytest.raises(ValueError, match="not a multiple of 16"):
         read_subset(tmp_path / "ragged.bin")
+
+
+def test_sort_records_equals_numpy_sort():
+    from pools.uids import sort_records
+
+    rng = np.random.default_rng(7)
+    recs = np.empty(5000, UID_DTYPE)
+    recs["f0"] = rng.integers(0, 2**64, 5000, dtype=np.uint64)
+    recs["f1"] = rng.integers(0, 2**64, 5000, dtype=np.uint64)
+    recs["f0"][::7] = 3  # equal upper halves: the lower ones decide
+    recs = np.concatenate([recs, recs[:100]])  # duplicates (upsampling) stay
+    assert sort_records(recs).tobytes() == np.sort(recs).tobytes()
+    assert len(sort_records(recs[:1])) == 1 and len(sort_records(recs[:0])) == 0
