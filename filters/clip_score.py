@@ -24,6 +24,7 @@ from pools.format import SCORE_COLUMNS
 
 _DIGIT_BITS = 16
 _BUCKETS = 1 << _DIGIT_BITS
+_FLUSH_VALUES = 1 << 20  # digits buffered before a histogram update (2 MiB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +114,8 @@ class DescendingRankSelector:
         self._prefix = 0
         self._prefix_bits = 0
         self._hist = np.zeros(_BUCKETS, dtype=np.int64)
+        self._pending: list[np.ndarray] = []
+        self._pending_count = 0
         self._seen = 0
         self.passes = 0
 
@@ -131,10 +134,20 @@ class DescendingRankSelector:
         if self._prefix_bits:
             keys = keys[(keys >> (self.nbits - self._prefix_bits)) == self._prefix]
         shift = self.nbits - self._prefix_bits - _DIGIT_BITS
-        digits = ((keys >> shift) & (_BUCKETS - 1)).astype(np.intp)
-        self._hist += np.bincount(digits, minlength=_BUCKETS)
+        self._pending.append(((keys >> shift) & (_BUCKETS - 1)).astype(np.uint16))
+        self._pending_count += len(keys)
+        if self._pending_count >= _FLUSH_VALUES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Histogram the buffered digits at once (a bincount per small chunk costs more than it counts)."""
+        if self._pending:
+            self._hist += np.bincount(np.concatenate(self._pending), minlength=_BUCKETS)
+            self._pending.clear()
+            self._pending_count = 0
 
     def end_pass(self) -> None:
+        self._flush()
         if self.passes == 0:
             self.rows = self._seen
             if self.rows == 0:

@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_caption_filter:
         from pipeline.signals import Executor, SignalsSpec, expand_groups, group_keys, run_signals_pass
 
-        groups = expand_groups(["caption"])
+        groups = expand_groups(["fasttext"], ["prefilter"])
         spec = SignalsSpec(groups=groups, keys=group_keys(groups, lid_model=None, morphy_repeat_rules=True,
                                                           centroids=None),
-                           required_columns=("text",))
+                           required_columns=("text",), lid_gates=("prefilter",))
         run_signals_pass(files, signals_dir, spec, Executor(kind=args.executor, ray_address=args.ray_address,
                                                             num_workers=args.num_workers))
     x, counts = collect_embeddings(files, signals_dir, ratio=ratio, seed=args.seed,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import os
 import platform
 import sys
@@ -45,6 +46,7 @@ from pools.format import SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
 from pools.scales import SCALES, get_scale
 from pools.uids import UID_DTYPE, uids_to_records, write_subset
 
+from pipeline.signals import nan_for_null
 from pipeline.strategies import (ALIASES, STRATEGIES, Columns, Funnel, QueryParams, apply_rules,
                                  resolve_strategy_names, rule_columns, rules_for)
 
@@ -100,6 +102,7 @@ class FilterConfig:
     executor: str = "ray"
     ray_address: str | None = None
     num_workers: int = max(1, os.cpu_count() or 1)
+    helpers: int | None = None  # local processes that work while Ray starts (default num_workers)
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
     skip_bad_files: bool = False
     all_requested: bool = False  # --strategy all: image strategies without inputs are skipped
@@ -185,13 +188,35 @@ class TableSource:
     """
 
     def __init__(self, files: Sequence[Path], read: Callable[[Path], pa.Table | None],
-                 budget: int = CACHE_BUDGET_BYTES):
+                 budget: int = CACHE_BUDGET_BYTES, threads: int = min(4, os.cpu_count() or 1)):
         self.files = list(files)
         self._read = read
         self._budget = budget
+        self._threads = max(1, threads)
         self._cache: list[tuple[Path, pa.Table]] | None = []
         self._complete = False
         self._bytes = 0
+
+    def _tables(self) -> Iterator[tuple[Path, pa.Table | None]]:
+        """Tables in file order, read a few files ahead on threads (Arrow releases the GIL)."""
+        if self._threads == 1 or len(self.files) < 2:
+            for path in self.files:
+                yield path, self._read(path)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        window = 4 * self._threads
+        with ThreadPoolExecutor(self._threads) as pool:
+            pending: deque = deque()
+            for path in self.files:
+                pending.append((path, pool.submit(self._read, path)))
+                if len(pending) >= window:
+                    p, future = pending.popleft()
+                    yield p, future.result()
+            while pending:
+                p, future = pending.popleft()
+                yield p, future.result()
 
     def __iter__(self) -> Iterator[tuple[Path, pa.Table]]:
         if self._complete:
@@ -201,8 +226,7 @@ class TableSource:
         if caching:
             self._cache = []
             self._bytes = 0
-        for path in self.files:
-            table = self._read(path)
+        for path, table in self._tables():
             if table is None:
                 continue
             if caching:
@@ -217,32 +241,35 @@ class TableSource:
             self._complete = True
 
 
+def _metadata_table(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """The query's view of metadata columns: uid strings (parsed only for kept rows) and scores
+    with nulls as NaN."""
+    out = {"uid": table.column("uid")}
+    for c in columns:
+        if c in ("uid_hi", "uid_lo", "uid"):
+            continue
+        col = table.column(c)
+        if c in SCORE_COLUMNS.values():
+            col = pa.array(nan_for_null(col))
+        out[c] = col
+    return pa.table(out)
+
+
 def metadata_reader(columns: Sequence[str], skipped: dict[str, str], skip_bad: bool):
-    """Read uid (as uid_hi/uid_lo) and other columns straight from metadata parquets."""
-    meta_cols = [c for c in columns if c not in ("uid_hi", "uid_lo")]
+    """Read uid and other columns straight from one metadata parquet."""
+    meta_cols = [c for c in columns if c not in ("uid_hi", "uid_lo", "uid")]
 
     def read(path: Path) -> pa.Table | None:
         if path.name in skipped:
             return None
         try:
             table = read_metadata(path, ["uid", *meta_cols])
-            try:
-                records = uids_to_records(table.column("uid"))
-            except ValueError as exc:
-                raise PoolFormatError(f"{path}: column 'uid': {exc}") from exc
         except PoolFormatError as exc:
             if not skip_bad:
                 raise
             skipped[path.name] = str(exc)
             return None
-        out = {"uid_hi": pa.array(records["f0"]), "uid_lo": pa.array(records["f1"])}
-        for c in meta_cols:
-            col = table.column(c)
-            if c in SCORE_COLUMNS.values():
-                col = pc.fill_null(col.cast(pa.float64() if pa.types.is_float64(col.type)
-                                              else pa.float32()), np.nan)
-            out[c] = col
-        return pa.table(out)
+        return _metadata_table(table, meta_cols)
 
     return read
 
@@ -271,6 +298,28 @@ def signals_reader(signals_dir: Path, columns: Sequence[str], skipped: dict[str,
 
 
 # --- the run ----------------------------------------------------------------------------------
+def _uid_records(table: pa.Table, cols: Columns, rows: np.ndarray, path: Path) -> np.ndarray:
+    """DataComp's ``u8,u8`` records of `rows`: from the signals' uid_hi/uid_lo, or parsed
+    from the uid strings of those rows only."""
+    if "uid_hi" in table.column_names:
+        records = np.empty(len(rows), dtype=UID_DTYPE)
+        records["f0"] = cols["uid_hi"][rows]
+        records["f1"] = cols["uid_lo"][rows]
+        return records
+    uids = table.column("uid")
+    subset = len(rows) < len(uids)
+    try:
+        return uids_to_records(uids.take(pa.array(rows)) if subset else uids)
+    except ValueError:
+        pass
+    for row in rows:  # name the first bad row of the file
+        try:
+            uids_to_records(uids.slice(int(row), 1))
+        except ValueError as exc:
+            raise PoolFormatError(f"{path}: column 'uid': {str(exc).replace('row 0', f'row {row}')}") from None
+    raise AssertionError("unreachable")
+
+
 def compute_threshold(source: TableSource, column: str, fraction: float) -> tuple[float, dict]:
     """DataComp's fraction -> threshold over the whole pool, exactly, in constant memory."""
     selector = None
@@ -292,6 +341,15 @@ def compute_threshold(source: TableSource, column: str, fraction: float) -> tupl
 
 def run(cfg: FilterConfig) -> dict:
     """Run the filtering job described by `cfg`; returns the stats written to stats.json."""
+    from pipeline.signals import finish_ray
+
+    try:
+        return _run(cfg)
+    finally:
+        finish_ray()  # a Ray this run started is shut down while the queries run; wait for it
+
+
+def _run(cfg: FilterConfig) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     files = pool_files(cfg)
@@ -323,7 +381,8 @@ def run(cfg: FilterConfig) -> dict:
     # 1. signals
     from pipeline.signals import (Executor, SignalsSpec, expand_groups, group_keys, run_signals_pass)
 
-    groups = expand_groups({g for s in strategies for g in s.groups})
+    lid_gates = tuple(sorted({s.lid_gate for s in strategies if s.lid_gate}))
+    groups = expand_groups({g for s in strategies for g in s.groups}, lid_gates)
     required = {c for s in strategies for c in s.metadata_columns}
     if any(s.uses_clip_score for s in strategies):
         required.add(cfg.clip.column)
@@ -335,12 +394,12 @@ def run(cfg: FilterConfig) -> dict:
         keys = group_keys(groups, lid_model=cfg.lid_model, morphy_repeat_rules=cfg.morphy_repeat_rules,
                           centroids=image_inputs.centroids_path if image_inputs else None)
         spec = SignalsSpec(groups=groups, keys=keys, required_columns=tuple(sorted(required)),
-                           lid_model=str(cfg.lid_model) if cfg.lid_model else None,
+                           lid_model=str(cfg.lid_model) if cfg.lid_model else None, lid_gates=lid_gates,
                            morphy_repeat_rules=cfg.morphy_repeat_rules,
                            centroids=str(image_inputs.centroids_path) if image_inputs else None,
                            device=device, skip_bad_files=cfg.skip_bad_files)
         executor = Executor(kind=cfg.executor, ray_address=cfg.ray_address, num_workers=cfg.num_workers,
-                            use_gpu=device is not None and "centroid" in groups)
+                            use_gpu=device is not None and "centroid" in groups, helpers=cfg.helpers)
         signal_summaries = run_signals_pass(files, cfg.signals, spec, executor, progress=cfg.progress)
         skipped_files = {s["file"]: s["reason"] for s in signal_summaries if s["status"] == "skipped"}
         timings["signals_s"] = time.perf_counter() - t
@@ -351,12 +410,12 @@ def run(cfg: FilterConfig) -> dict:
                               target_ids=image_inputs.target_ids if image_inputs else None)
     rules = {n: rules_for(n, base_params) for n in names}
     columns = {"uid_hi", "uid_lo"} | {c for r in rules.values() for c in rule_columns(r)}
-    if "caption" in groups:
+    if "text" in groups:
         columns.add("text_status")
     columns = sorted(columns)
     if groups:
         source = TableSource(files, signals_reader(cfg.signals, columns, skipped_files))
-    else:
+    else:  # nothing to compute: read the pool's own columns
         source = TableSource(files, metadata_reader(columns, skipped_files, cfg.skip_bad_files))
 
     threshold_info = None
@@ -375,27 +434,28 @@ def run(cfg: FilterConfig) -> dict:
     rows_read = 0
     files_read = 0
     caption_counts = {"null": 0, "not_utf8": 0}
-    for _, table in source:
+    files_seen = set()
+    for path, table in source:
         cols = Columns(table)
-        records = np.empty(table.num_rows, dtype=UID_DTYPE)
-        records["f0"] = cols["uid_hi"]
-        records["f1"] = cols["uid_lo"]
         rows_read += table.num_rows
-        files_read += 1
+        files_seen.add(path)
         if "text_status" in table.column_names:
             status = cols["text_status"]
             caption_counts["null"] += int((status == 1).sum())
             caption_counts["not_utf8"] += int((status == 2).sum())
+        masks = {n: apply_rules(rules[n], cols, funnels[n]) for n in names}
+        rows = np.flatnonzero(np.logical_or.reduce(list(masks.values()))) if masks else np.empty(0, np.int64)
+        records = _uid_records(table, cols, rows, path)
         for n in names:
-            keep = apply_rules(rules[n], cols, funnels[n])
-            kept[n].append(records[keep])
+            kept[n].append(records[masks[n][rows]])
+    files_read = len(files_seen)
     timings["query_s"] = time.perf_counter() - t
 
     # A score column that is empty everywhere is a pool that was never scored, not a subset.
     for n in names:
         f = funnels[n]
         present = [r for r in f.rules if r.endswith("_present")]
-        if present and f.rows and f.passed[present[0]] == 0:
+        if present and f.rows and f.dropped[present[0]] == f.rows:
             col = present[0][: -len("_present")]
             raise FilterError(f"{col} is empty (null or NaN) in every row of {cfg.pool}, so strategy {n} "
                               "would keep nothing: score the pool first (`python -m pipeline.score`) or "
@@ -474,9 +534,9 @@ def _manifest(cfg, names, params, files, signal_summaries, keys, groups, image_i
             entry["signals"] = by_file[p.name]["status"]
         inputs.append(entry)
     models = {}
-    if "caption" in groups:
+    if "fasttext" in groups:
         lid = resolve_lid_model(cfg.lid_model)
-        models["fasttext_lid"] = {"path": str(lid), "key": keys.get("caption")}
+        models["fasttext_lid"] = {"path": str(lid), "key": keys.get("fasttext")}
     if "entity" in groups:
         models["wordnet"] = {"key": keys["entity"]}
     if "cld3" in groups:
@@ -492,7 +552,10 @@ def _manifest(cfg, names, params, files, signal_summaries, keys, groups, image_i
         "signals": {"dir": str(cfg.signals), "groups": list(groups), "keys": keys,
                     "files_computed": sum(s["status"] == "computed" for s in signal_summaries),
                     "files_reused": sum(s["status"] == "reused" for s in signal_summaries),
-                    "files_skipped": sum(s["status"] == "skipped" for s in signal_summaries)},
+                    "files_skipped": sum(s["status"] == "skipped" for s in signal_summaries),
+                    "computed_by": dict(sorted(Counter(s.get("by", "?") for s in signal_summaries
+                                                       if s["status"] == "computed").items())),
+                    "cpu_seconds": round(sum(s.get("cpu_seconds", 0.0) for s in signal_summaries), 3)},
         "models": models,
         "fraction_threshold": threshold_info,
         "strategies": {n: {**_parameters(n, params, threshold_info), "output": outputs[n]} for n in names},
@@ -574,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signal workers (Ray actors), one CPU each (default: CPU count, %(default)s)")
     g.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray (default) or local: compute signals in this process, one file at a time")
+    g.add_argument("--helpers", type=int, default=None,
+                   help="processes on this machine that compute signals while Ray starts and share the "
+                        "files with Ray's tasks (default: --num-workers; 0: Ray's tasks do every file)")
     g.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu or cuda[:i] "
                    "for centroid assignment")
     return parser
@@ -589,7 +655,7 @@ def config_from_args(args: argparse.Namespace) -> FilterConfig:
         signals_dir=args.signals_dir, clip=clip, centroids=args.centroids, targets=tuple(args.targets),
         targets_model=args.targets_model, targets_pretrained=args.targets_pretrained, lid_model=args.lid_model,
         morphy_repeat_rules=args.nltk_morphy == "3.8.1", executor=args.executor, ray_address=args.ray_address,
-        num_workers=max(1, args.num_workers), device=args.device, skip_bad_files=args.on_bad_file == "skip",
+        num_workers=max(1, args.num_workers), helpers=args.helpers, device=args.device, skip_bad_files=args.on_bad_file == "skip",
         all_requested="all" in args.strategy, progress=not args.quiet)
 
 

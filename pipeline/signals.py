@@ -8,12 +8,14 @@ group      columns                                                              
 =========  ===========================================================================  =========
 base       uid_hi, uid_lo (DataComp's u8,u8), file, row, clip_b32_similarity_score,     parquet
            clip_l14_similarity_score (copied), min_side, aspect_ratio
-caption    text_status (0 ok, 1 null, 2 not UTF-8), fasttext_lang (top-1 label),       fastText
-           caption_words (``len(text.split())``), caption_chars (``len(text)``),
-           fasttext_tokens (``len(fasttext.tokenize(text))``)
+text       text_status (0 ok, 1 null, 2 not UTF-8), caption_words                      parquet
+           (``len(text.split())``), caption_chars (``len(text)``), fasttext_tokens
+           (``len(fasttext.tokenize(text))``)
 entity     imagenet21k_entity (some word's first WordNet synset is an IN-21k class)     WordNet
 cld3       cld3_lang (CLD3 label; computed only where the B/32 score >= 0.28, the      CLD3
            only rows LAION-2B can keep; null elsewhere)
+fasttext   fasttext_lang (fastText's top-1 label), computed on the rows that pass the   fastText
+           other rules of a requested strategy (its "gate"), null elsewhere
 centroid   nearest_centroid (pool centroid with the largest inner product with          npz,
            ``l14_img``; computed where the caption pre-filter passes, -1 elsewhere)     centroids
 =========  ===========================================================================  =========
@@ -24,8 +26,11 @@ centroids, npz). A rerun reuses every group whose key still matches and computes
 rest; files are written under a temporary name and renamed, so a killed run leaves either
 the old file or the new one. Models run once per distinct caption in a file, not per row.
 
-The work is one task per metadata file: a Ray Data job with an actor pool (each actor loads
-fastText, CLD3 and WordNet once), or the same worker class in this process.
+The unit of work is one metadata file. With Ray, a Ray Data job maps batches of files over a
+pool of tasks (each worker process keeps one `SignalsWorker`, so fastText, CLD3 and WordNet
+load once per process) while the driver takes files from the other end of the list, which
+turns Ray's few seconds of start-up into useful work; a marker file per file decides who does
+it. Without Ray (``--executor local``) the same worker runs in this process.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -46,12 +53,12 @@ import pyarrow.parquet as pq
 
 from filters.clip_score import score_mask
 from filters.image_based import nearest_centroid
-from filters.image_size import aspect_ratio, min_side
+from filters.image_size import ImageSize, aspect_ratio, image_size_mask, min_side
 from filters.language import language_id_input, language_mask
 from filters.laion import Laion2B, cld3_needed
-from filters.text import (CaptionPrefilter, TextStatus, caption_array, caption_prefilter_mask,
-                          char_count, fasttext_token_count, readable_captions, text_status,
-                          whitespace_word_count)
+from filters.text import (CaptionLength, CaptionPrefilter, TextStatus, caption_array, caption_length_mask,
+                          caption_prefilter_mask, char_count, fasttext_token_count, readable_captions,
+                          text_status, whitespace_word_count)
 from pools.files import atomic_path, file_fingerprint
 from pools.format import SCORE_COLUMNS, Pool, PoolFormatError, load_npz, validate_metadata_schema
 from pools.uids import uids_to_records
@@ -60,21 +67,25 @@ SIGNALS_FORMAT_VERSION = 1
 METADATA_KEY = b"datacomp_signals"
 
 # Bump a group's version whenever what it computes changes: stored signals are then recomputed.
-GROUP_VERSIONS = {"base": 1, "caption": 1, "entity": 1, "cld3": 1, "centroid": 1}
+GROUP_VERSIONS = {"base": 1, "text": 1, "entity": 1, "cld3": 1, "fasttext": 2, "centroid": 1}
 GROUP_COLUMNS: dict[str, tuple[str, ...]] = {
     "base": ("uid_hi", "uid_lo", "file", "row", *SCORE_COLUMNS.values(), "min_side", "aspect_ratio"),
-    "caption": ("text_status", "fasttext_lang", "caption_words", "caption_chars", "fasttext_tokens"),
+    "text": ("text_status", "caption_words", "caption_chars", "fasttext_tokens"),
     "entity": ("imagenet21k_entity",),
     "cld3": ("cld3_lang",),
+    "fasttext": ("fasttext_lang",),
     "centroid": ("nearest_centroid",),
 }
-GROUP_ORDER = tuple(GROUP_COLUMNS)
-# Signal groups that other groups are computed from.
-GROUP_DEPENDS = {"base": (), "caption": ("base",), "entity": ("base", "caption"), "cld3": ("base",),
-                 "centroid": ("base", "caption")}
+GROUP_ORDER = tuple(GROUP_COLUMNS)  # also the order they are computed in
+# Signal groups that other groups are computed from. fastText labels are a function of the
+# caption alone; which rows get one (the gates) is tracked separately, see `lid_gate_tokens`.
+GROUP_DEPENDS = {"base": (), "text": ("base",), "entity": ("text",), "cld3": ("base",),
+                 "fasttext": ("base", "text"), "centroid": ("text", "fasttext")}
+# fastText gates: the rows of a strategy that pass every one of its rules except English.
+LID_GATES = {"basic": ("base", "text"), "text": ("text", "entity"), "prefilter": ("text",)}
 # Metadata columns each group reads (beyond what earlier groups stored).
-GROUP_SOURCE_COLUMNS = {"base": ("uid",), "caption": ("text",), "entity": ("text",), "cld3": ("text",),
-                        "centroid": ()}
+GROUP_SOURCE_COLUMNS = {"base": ("uid",), "text": ("text",), "fasttext": ("text",), "entity": ("text",),
+                        "cld3": ("text",), "centroid": ()}
 OPTIONAL_BASE_COLUMNS = ("original_width", "original_height", *SCORE_COLUMNS.values())
 
 
@@ -94,14 +105,23 @@ class SignalsSpec:
     centroids: str | None = None
     device: str | None = None
     skip_bad_files: bool = False
+    lid_gates: tuple[str, ...] = ()  # which rows get a fastText label (names in LID_GATES)
     laion: Laion2B = field(default_factory=Laion2B)
+    caption_length: CaptionLength = field(default_factory=CaptionLength)
+    image_size: ImageSize = field(default_factory=ImageSize)
     caption_prefilter: CaptionPrefilter = field(default_factory=CaptionPrefilter)
 
 
-def expand_groups(groups: Iterable[str]) -> tuple[str, ...]:
-    """`groups` plus the groups they are computed from, in computation order."""
+def lid_gate_tokens(spec: SignalsSpec) -> list[str]:
+    """The gates as stored in a header: name plus the keys of the groups the gate reads, so a
+    gate computed from other signals (e.g. another WordNet) does not count as covered."""
+    return sorted(f"{g}|" + "|".join(spec.keys.get(d, "?") for d in LID_GATES[g]) for g in spec.lid_gates)
+
+
+def expand_groups(groups: Iterable[str], lid_gates: Iterable[str] = ()) -> tuple[str, ...]:
+    """`groups` plus the groups they (and the fastText gates) are computed from, in order."""
     wanted = set()
-    stack = list(groups)
+    stack = list(groups) + [d for g in lid_gates for d in LID_GATES[g]]
     while stack:
         g = stack.pop()
         if g not in GROUP_COLUMNS:
@@ -121,7 +141,7 @@ def group_keys(groups: Sequence[str], *, lid_model: Path | None, morphy_repeat_r
     keys: dict[str, str] = {}
     for g in groups:
         k = f"{g}/v{GROUP_VERSIONS[g]}"
-        if g in ("caption", "centroid"):
+        if g in ("fasttext", "centroid"):
             k += f"/lid={file_fingerprint(models.resolve_lid_model(lid_model))[:16]}"
         if g == "entity":
             k += (f"/wordnet={models.wordnet_fingerprint()}/ids={models.entity_ids_fingerprint()}"
@@ -179,12 +199,14 @@ def groups_to_compute(parquet: Path, signals_file: Path, spec: SignalsSpec) -> t
     if "npz" in sources and header.get("sources", {}).get("npz") != sources["npz"]:
         stored.pop("centroid", None)
     todo = [g for g in spec.groups if stored.get(g) != spec.keys[g]]
-    # A group computed from a recomputed group must be recomputed too.
+    # A group computed from a recomputed group must be recomputed too (fastText labels only
+    # depend on the caption: new gates are filled in below, not recomputed).
     changed = set(todo)
     for g in spec.groups:
-        if g not in changed and any(d in changed for d in GROUP_DEPENDS[g]):
-            todo.append(g)
+        if g not in changed and g != "fasttext" and any(d in changed for d in GROUP_DEPENDS[g]):
             changed.add(g)
+    if "fasttext" in spec.groups and not set(lid_gate_tokens(spec)) <= set(header.get("fasttext_gates", [])):
+        changed.add("fasttext")
     return [g for g in spec.groups if g in changed], header
 
 
@@ -193,6 +215,25 @@ def _map_unique(texts: pa.Array, fn) -> pa.Array:
     encoded = pc.dictionary_encode(texts)
     labels = pa.array(fn(encoded.dictionary.to_pylist()), type=pa.string())
     return labels.take(encoded.indices)
+
+
+class MemoLabeler:
+    """A text -> label model call remembered across files (captions repeat within and across
+    the files of a pool). Bounded: the memo is dropped when it holds `max_entries` texts."""
+
+    def __init__(self, top1, max_entries: int = 500_000):
+        self._top1 = top1
+        self._memo: dict[str, str] = {}
+        self._max = max_entries
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        memo = self._memo
+        todo = [t for t in texts if t not in memo]
+        if todo:
+            if len(memo) + len(todo) > self._max:
+                memo.clear()
+            memo.update(zip(todo, self._top1(todo)))
+        return [memo[t] for t in texts]
 
 
 def _per_unique(texts: pa.Array, fn) -> np.ndarray:
@@ -218,27 +259,22 @@ class SignalsWorker:
         self._entity = None
         self._centroids = None
 
-    # Ray Data calls the worker with a batch of tasks and wants a batch back.
-    def __call__(self, batch: dict) -> dict:
-        summaries = [self.process(Path(p), Path(s)) for p, s in zip(batch["parquet"], batch["signals"])]
-        return {"summary": [json.dumps(s) for s in summaries]}
-
     # --- models ---
     @property
-    def lid(self):
+    def lid(self) -> MemoLabeler:
         if self._lid is None:
             from pipeline.models import FastTextLanguageID, resolve_lid_model
 
-            self._lid = FastTextLanguageID(resolve_lid_model(self.spec.lid_model))
+            self._lid = MemoLabeler(FastTextLanguageID(resolve_lid_model(self.spec.lid_model)).top1)
         return self._lid
 
     @property
-    def cld3(self):
+    def cld3(self) -> MemoLabeler:
         if self._cld3 is None:
             from pipeline.models import Cld3LanguageID
 
             s = self.spec.laion.cld3
-            self._cld3 = Cld3LanguageID(s.min_num_bytes, s.max_num_bytes)
+            self._cld3 = MemoLabeler(Cld3LanguageID(s.min_num_bytes, s.max_num_bytes).top1)
         return self._cld3
 
     @property
@@ -257,9 +293,22 @@ class SignalsWorker:
             self._centroids = load_centroids(self.spec.centroids)
         return self._centroids
 
+    def warm_up(self) -> None:
+        """Load every model the spec's groups use."""
+        groups = set(self.spec.groups)
+        if "fasttext" in groups:
+            self.lid
+        if "cld3" in groups:
+            self.cld3
+        if "entity" in groups:
+            self.entity
+        if "centroid" in groups:
+            self.centroids
+
     # --- one file ---
     def process(self, parquet: Path, out: Path) -> dict:
         started = time.perf_counter()
+        cpu_started = time.process_time()
         try:
             todo, header = groups_to_compute(parquet, out, self.spec)
             if not todo:
@@ -273,7 +322,8 @@ class SignalsWorker:
             return {"file": parquet.name, "status": "skipped", "reason": str(exc), "rows": None,
                     "computed": [], "seconds": time.perf_counter() - started}
         return {"file": parquet.name, "status": "computed", "rows": rows, "computed": todo,
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+                "pid": os.getpid()}
 
     def _check_schema(self, parquet: Path) -> pa.Schema:
         try:
@@ -297,10 +347,13 @@ class SignalsWorker:
         source = self._read(parquet, [c for c in schema.names if c in wanted])
         n = source.num_rows
         stored = {}
+        labels_reusable = (header is not None and "fasttext" in todo
+                           and header["groups"].get("fasttext") == self.spec.keys.get("fasttext"))
         if header is not None:
             if header["rows"] != n:
                 raise PoolFormatError(f"{out}: holds {header['rows']} rows but {parquet} has {n}")
-            keep = [c for g, cols in GROUP_COLUMNS.items() if g not in todo and g in header["groups"]
+            keep = [c for g, cols in GROUP_COLUMNS.items()
+                    if (g not in todo or (g == "fasttext" and labels_reusable)) and g in header["groups"]
                     for c in cols]
             existing = pq.ParquetFile(out).schema_arrow.names
             stored_table = pq.read_table(out, columns=[c for c in keep if c in existing])
@@ -309,17 +362,23 @@ class SignalsWorker:
         if "base" in todo:
             columns.update(self._base(parquet, source))
         texts = status = None
-        if any(g in todo for g in ("caption", "entity", "cld3")):
+        if any(g in todo for g in ("text", "fasttext", "entity", "cld3")):
             raw = caption_array(source.column("text"))
             status = text_status(raw)
             texts = readable_captions(raw, status)
-        if "caption" in todo:
-            columns.update(self._caption(texts, status))
+        if "text" in todo:
+            columns.update(self._text(texts, status))
         if "entity" in todo:
             columns["imagenet21k_entity"] = pa.array(
                 _per_unique(texts, lambda u: self._entity_hits(u)).astype(bool))
         if "cld3" in todo:
             columns["cld3_lang"] = self._cld3_labels(texts, _np(columns["clip_b32_similarity_score"]))
+        gates_covered = list(header.get("fasttext_gates", [])) if labels_reusable else []
+        if "fasttext" in todo:
+            columns["fasttext_lang"] = self._fasttext_labels(texts, columns, columns.get("fasttext_lang"))
+            gates_covered = sorted(set(gates_covered) | set(lid_gate_tokens(self.spec)))
+        elif header is not None and "fasttext" in header["groups"]:
+            gates_covered = list(header.get("fasttext_gates", []))
         if "centroid" in todo:
             columns["nearest_centroid"] = self._nearest(parquet, n, columns)
         groups = dict(header["groups"]) if header is not None else {}
@@ -331,6 +390,8 @@ class SignalsWorker:
         sources = source_fingerprints(parquet, list(groups))
         meta = {"format": SIGNALS_FORMAT_VERSION, "source": parquet.name, "sources": sources,
                 "rows": n, "groups": groups}
+        if "fasttext" in groups:
+            meta["fasttext_gates"] = gates_covered
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
         with atomic_path(out) as tmp:
             pq.write_table(table, tmp)
@@ -349,9 +410,7 @@ class SignalsWorker:
         }
         for name in SCORE_COLUMNS.values():
             if name in source.column_names:
-                col = source.column(name)
-                dtype = pa.float64() if pa.types.is_float64(col.type) else pa.float32()
-                cols[name] = pc.fill_null(col.cast(dtype), math.nan).combine_chunks()
+                cols[name] = pa.array(nan_for_null(source.column(name)))
         names = source.column_names
         width = source.column("original_width") if "original_width" in names else pa.nulls(n, pa.int64())
         height = source.column("original_height") if "original_height" in names else pa.nulls(n, pa.int64())
@@ -359,15 +418,56 @@ class SignalsWorker:
         cols["aspect_ratio"] = pa.array(aspect_ratio(width, height))
         return cols
 
-    def _caption(self, texts: pa.Array, status: np.ndarray) -> dict:
-        lid_input = language_id_input(texts)
+    def _text(self, texts: pa.Array, status: np.ndarray) -> dict:
+        encoded = pc.dictionary_encode(texts)
+        unique = encoded.dictionary
+        index = encoded.indices.to_numpy(zero_copy_only=False)
+        valid = ~encoded.indices.is_null().to_numpy(zero_copy_only=False) if encoded.indices.null_count else None
+
+        def per_row(values: np.ndarray) -> pa.Array:
+            if valid is None:
+                return pa.array(values[index.astype(np.int64)])
+            out = np.zeros(len(texts), dtype=values.dtype)
+            out[valid] = values[index[valid].astype(np.int64)]
+            return pa.array(out)
+
         return {
             "text_status": pa.array(status),
-            "fasttext_lang": _map_unique(lid_input, self.lid.top1).dictionary_encode(),
-            "caption_words": pa.array(_per_unique(texts, whitespace_word_count)),
-            "caption_chars": pa.array(_per_unique(texts, char_count)),
-            "fasttext_tokens": pa.array(_per_unique(texts, fasttext_token_count)),
+            "caption_words": per_row(whitespace_word_count(unique)),
+            "caption_chars": per_row(char_count(unique)),
+            "fasttext_tokens": per_row(fasttext_token_count(unique)),
         }
+
+    def lid_gate(self, columns: dict) -> np.ndarray:
+        """Rows that need a fastText label: readable, and passing every other rule of some
+        requested strategy (so the English rule, checked last, sees a label on every row)."""
+        n = len(columns["text_status"])
+        readable = _np(columns["text_status"]) == TextStatus.OK
+        gate = np.zeros(n, dtype=bool)
+        words, chars, tokens = (_np(columns[c]) for c in ("caption_words", "caption_chars", "fasttext_tokens"))
+        if "basic" in self.spec.lid_gates:
+            gate |= (caption_length_mask(words, chars, self.spec.caption_length)
+                     & image_size_mask(_np(columns["min_side"]), _np(columns["aspect_ratio"]), self.spec.image_size))
+        if "text" in self.spec.lid_gates:
+            gate |= _np(columns["imagenet21k_entity"]).astype(bool)
+        if "prefilter" in self.spec.lid_gates:
+            gate |= caption_prefilter_mask(tokens, chars, self.spec.caption_prefilter)
+        return gate & readable
+
+    def _fasttext_labels(self, texts: pa.Array, columns: dict, previous) -> pa.Array:
+        """Labels for the gated rows; labels stored by an earlier run (same model) are kept."""
+        n = len(texts)
+        labels = (_combined(previous).dictionary_decode() if previous is not None
+                  and pa.types.is_dictionary(_combined(previous).type)
+                  else (_combined(previous) if previous is not None else pa.nulls(n, pa.string())))
+        missing = np.flatnonzero(self.lid_gate(columns) & ~labels.is_valid().to_numpy(zero_copy_only=False))
+        if len(missing) == 0:
+            return labels.dictionary_encode()
+        new = _map_unique(language_id_input(texts.take(pa.array(missing))), self.lid)
+        index = np.full(n, -1, dtype=np.int64)
+        index[missing] = np.arange(len(missing))
+        filled = pc.if_else(pa.array(index >= 0), new.take(pa.array(index, mask=index < 0)), labels)
+        return filled.dictionary_encode()
 
     def _entity_hits(self, unique_texts: pa.Array) -> np.ndarray:
         from filters.entity import entity_hit_mask
@@ -379,7 +479,7 @@ class SignalsWorker:
         rows = np.flatnonzero(gate)
         if len(rows) == 0:
             return pa.nulls(len(texts), pa.string()).dictionary_encode()
-        labels = _map_unique(language_id_input(texts.take(pa.array(rows))), self.cld3.top1)
+        labels = _map_unique(language_id_input(texts.take(pa.array(rows))), self.cld3)
         index = np.full(len(texts), -1, dtype=np.int64)
         index[rows] = np.arange(len(rows))
         return labels.take(pa.array(index, mask=index < 0)).dictionary_encode()
@@ -397,6 +497,17 @@ class SignalsWorker:
         if len(rows):
             nearest[rows] = nearest_centroid(embeddings[rows], self.centroids, device=self.spec.device)
         return pa.array(nearest)
+
+
+def nan_for_null(scores: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A score column as NumPy, nulls as NaN (as pandas reads them), float32 unless it was float64.
+
+    (Not ``pc.fill_null(col, nan)``: making a NaN scalar makes pyarrow import pandas.)
+    """
+    dtype = np.float64 if pa.types.is_float64(scores.type) else np.float32
+    if pa.types.is_null(scores.type):
+        return np.full(len(scores), np.nan, dtype=dtype)
+    return np.asarray(scores.to_numpy(zero_copy_only=False), dtype=dtype)
 
 
 def _combined(col) -> pa.Array:
@@ -421,6 +532,7 @@ class Executor:
     ray_address: str | None = None
     num_workers: int = max(1, os.cpu_count() or 1)
     use_gpu: bool = False
+    helpers: int | None = None  # local helper processes while Ray starts (default: num_workers)
 
 
 def _find_cause(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
@@ -483,44 +595,310 @@ def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec
 def _run_local(todo, spec, executor, progress):
     worker = SignalsWorker(spec)
     for i, (parquet, out) in enumerate(todo, 1):
-        yield worker.process(parquet, out)
+        yield {**worker.process(parquet, out), "by": "local"}
         if progress and (i == len(todo) or i % max(1, len(todo) // 10) == 0):
             print(f"signals: {i}/{len(todo)} files", file=sys.stderr)
 
 
-def _run_ray(todo, spec, executor, progress):
-    import ray
+class _Claims:
+    """First come, first served: a file is processed by whoever creates its claim marker."""
 
-    started_here = False
-    if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        if executor.ray_address:
-            ray.init(address=executor.ray_address, **kwargs)
-        else:
-            ray.init(num_cpus=executor.num_workers, **kwargs)
-        started_here = True
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, parquet: str | Path) -> bool:
+        try:
+            os.close(os.open(self.root / Path(parquet).name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def claimed(self, parquet: str | Path) -> bool:
+        return (self.root / Path(parquet).name).exists()
+
+
+_TASK_WORKER: SignalsWorker | None = None
+
+
+def _process_batch(batch: dict, spec: SignalsSpec, claims: str) -> dict:
+    """A Ray Data task: the signals of a batch of files, skipping files claimed elsewhere.
+
+    The worker (and its models) is kept per worker process, so each process loads fastText,
+    CLD3 and WordNet once, as an actor would, without an actor pool's start-up cost.
+    """
+    global _TASK_WORKER
+    if _TASK_WORKER is None or _TASK_WORKER.spec != spec:
+        _TASK_WORKER = SignalsWorker(spec)
+        _TASK_WORKER.warm_up()  # load the models before taking over from the helpers
+    claim = _Claims(Path(claims))
+    (claim.root / _RAY_WARM).touch()
+    out = []
+    for parquet, signals in zip(batch["parquet"], batch["signals"]):
+        if not claim.claim(parquet):
+            out.append({"file": Path(parquet).name, "status": "claimed"})
+            continue
+        out.append({**_TASK_WORKER.process(Path(parquet), Path(signals)), "by": "ray"})
+    return {"summary": [json.dumps(s) for s in out]}
+
+
+_SHUTDOWN: threading.Thread | None = None
+
+
+def finish_ray() -> None:
+    """Wait until a Ray this module started is shut down again (call before exiting)."""
+    global _SHUTDOWN
+    if _SHUTDOWN is not None:
+        _SHUTDOWN.join()
+        _SHUTDOWN = None
+
+
+_RAY_WARM = ".ray-warm"  # a Ray task has loaded its models: the helpers stop taking files
+
+
+def _helper_main() -> None:
+    """A helper process (see `_run_ray`): takes unclaimed files from the end of the list until a
+    Ray task is ready, printing one JSON summary per file; ``python -c`` entry point, argument:
+    the claims folder."""
+    import pickle
+
+    try:  # Ray's start-up (and its workers) come first; helpers use what CPU is left
+        os.nice(5)
+    except OSError:
+        pass
+    root = Path(sys.argv[1])
+    with open(root / "job.pkl", "rb") as f:
+        spec, todo = pickle.load(f)
+    claims = _Claims(root)
     try:
+        worker = SignalsWorker(spec)
+        for parquet, out in reversed(todo):
+            if (root / _RAY_WARM).exists():
+                break
+            if claims.claim(parquet):
+                print(json.dumps({**worker.process(Path(parquet), Path(out)), "by": "helper"}), flush=True)
+    except PoolFormatError as exc:
+        print(json.dumps({"error": "PoolFormatError", "message": str(exc)}), flush=True)
+        raise SystemExit(1)
+
+
+class _Helpers:
+    """Helper processes on this machine that compute signals while Ray starts."""
+
+    def __init__(self, count: int, spec: SignalsSpec, todo: list, claims: _Claims):
+        import pickle
+        import subprocess
+
+        with open(claims.root / "job.pkl", "wb") as f:
+            pickle.dump((spec, [(str(p), str(o)) for p, o in todo]), f)
+        self.count = count
+        self.summaries: list[dict] = []
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._logs = [open(claims.root / f"helper-{i}.log", "w+") for i in range(count)]
+        self._procs = [subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.signals import _helper_main; _helper_main()", str(claims.root)],
+            stdout=subprocess.PIPE, stderr=log, text=True) for log in self._logs]
+        self._readers = [threading.Thread(target=self._read, args=(p, log), daemon=True)
+                         for p, log in zip(self._procs, self._logs)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, proc, log) -> None:
+        for line in proc.stdout:
+            record = json.loads(line)
+            with self._lock:
+                if "error" in record:
+                    self.errors.append(PoolFormatError(record["message"]))
+                else:
+                    self.summaries.append(record)
+        proc.wait()
+        if proc.returncode and proc.returncode > 0 and not self.errors:
+            log.seek(0)
+            self.errors.append(SignalsError(f"a signals helper process failed:\n{log.read()[-3000:]}"))
+
+    def finished(self) -> bool:
+        return all(not t.is_alive() for t in self._readers)
+
+    def take(self) -> list[dict]:
+        with self._lock:
+            out, self.summaries = self.summaries, []
+        return out
+
+    def wait(self) -> None:
+        for t in self._readers:
+            t.join()
+
+    def stop(self) -> None:
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self._procs:
+            p.wait()
+        self.wait()
+        for log in self._logs:
+            log.close()
+
+
+class _RayRunner(threading.Thread):
+    """Ray's whole life in one thread: start (or connect), run the Ray Data job over the files
+    that are still unclaimed, shut down. The main thread only collects results, so it can move
+    on to the queries as soon as every file is done, whether Ray is still starting or already
+    shutting down."""
+
+    # About how long a Ray Data job takes to get its first task running (worker processes,
+    # imports, models); files the helper processes will finish sooner are left to them.
+    JOB_STARTUP_S = 3.0
+
+    def __init__(self, todo, spec: SignalsSpec, executor: Executor, claims: _Claims, results: "queue.Queue",
+                 helpers_eta: "Callable[[int], float]"):
+        super().__init__(name="ray-runner", daemon=True)
+        self.todo, self.spec, self.executor, self.claims, self.results = todo, spec, executor, claims, results
+        self.helpers_eta = helpers_eta  # seconds the helper processes need for n more files
+        self.error: BaseException | None = None
+        self.submitted = 0
+        self.stop = threading.Event()  # set by the caller once every file is done
+
+    def _remaining(self) -> list:
+        """Files to give Ray once it is up: none if the helpers will be done sooner than a Ray
+        Data job could start (then Ray is shut down at once and they finish alone)."""
+        remaining = [(p, o) for p, o in self.todo if not self.claims.claimed(p)]
+        if remaining and self.helpers_eta(len(remaining)) <= self.JOB_STARTUP_S:
+            return []
+        return remaining
+
+    def run(self) -> None:
+        import ray
+
+        started_here = False
+        try:
+            if not ray.is_initialized():
+                kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+                if self.executor.ray_address:
+                    ray.init(address=self.executor.ray_address, **kwargs)
+                else:
+                    # No idle workers started in advance: the job starts its own, and the
+                    # helpers already use the CPUs while Ray comes up.
+                    ray.init(num_cpus=self.executor.num_workers,
+                             _system_config={"prestart_worker_first_driver": False}, **kwargs)
+                started_here = True
+            remaining = self._remaining()
+            self.submitted = len(remaining)
+            if remaining and not self.stop.is_set():
+                job = threading.Thread(target=self._iterate, args=(ray, remaining), name="ray-job", daemon=True)
+                job.start()
+                while job.is_alive() and not self.stop.is_set():
+                    job.join(timeout=0.05)
+                # Once every file is done, the job ends at its next result (its tasks now only
+                # find files claimed by the helpers); one still starting up is cut short.
+                job.join(timeout=self.JOB_STARTUP_S)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.results.put(None)  # end of Ray's results
+            if started_here:
+                ray.shutdown()
+
+    def _iterate(self, ray, remaining) -> None:
+        try:
+            for row in self._dataset(ray, remaining).iter_rows():
+                if self.stop.is_set():
+                    break
+                summary = json.loads(row["summary"])
+                if summary["status"] != "claimed":
+                    self.results.put(summary)
+        except BaseException as exc:
+            if not self.stop.is_set():
+                self.error = exc
+
+    def _dataset(self, ray, remaining):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        gpus = float(ray.cluster_resources().get("GPU", 0)) if executor.use_gpu else 0.0
-        workers = max(1, min(executor.num_workers, len(todo)))
-        per_call = max(1, min(64, len(todo) // (workers * 4)))
-        blocks = math.ceil(len(todo) / per_call)
-        ds = ray.data.from_items([{"parquet": str(p), "signals": str(o)} for p, o in todo],
-                                 override_num_blocks=blocks)
-        ds = ds.map_batches(SignalsWorker, fn_constructor_kwargs={"spec": spec}, batch_size=per_call,
-                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
-                            num_gpus=min(1.0, gpus / workers) if gpus else None)
-        done = 0
-        for row in ds.iter_rows():
-            done += 1
-            if progress and (done == len(todo) or done % max(1, len(todo) // 10) == 0):
-                print(f"signals: {done}/{len(todo)} files", file=sys.stderr)
-            yield json.loads(row["summary"])
+        # One operator does all the work: do not hold CPUs back for the input operator (with
+        # the default reservation only one of two tasks runs at a time on 2 CPUs).
+        ctx.op_resource_reservation_enabled = False
+        gpus = float(ray.cluster_resources().get("GPU", 0)) if self.executor.use_gpu else 0.0
+        workers = max(1, min(self.executor.num_workers, len(remaining)))
+        per_call = max(1, min(64, len(remaining) // (workers * 4)))
+        ds = ray.data.from_items([{"parquet": str(p), "signals": str(o)} for p, o in remaining],
+                                 override_num_blocks=math.ceil(len(remaining) / per_call))
+        return ds.map_batches(_process_batch, fn_kwargs={"spec": self.spec, "claims": str(self.claims.root)},
+                              batch_size=per_call, compute=ray.data.TaskPoolStrategy(size=workers),
+                              num_cpus=1, num_gpus=min(1.0, gpus / workers) if gpus else None)
+
+
+def _run_ray(todo, spec, executor, progress):
+    """A Ray Data job over the files, with helper processes on this machine covering Ray's
+    start-up. The helpers take files from the end of the list (a marker per file decides who
+    does it) until a Ray task has loaded its models; when Ray is up, it gets the files left,
+    unless the helpers would finish them before a Ray Data job could start (then Ray is shut
+    down unused: on a 2M-row pool with 2 CPUs, Ray's start-up is longer than the whole pass).
+    Ray runs in its own thread and is shut down there while the caller goes on: call
+    `finish_ray` before exiting."""
+    global _SHUTDOWN
+    import queue
+    import uuid
+
+    finish_ray()
+    claims = _Claims(Path(todo[0][1]).parent / f".claims-{uuid.uuid4().hex[:12]}")
+    count = executor.helpers
+    if count is None:  # a cluster we connect to is up already: nothing to cover
+        count = 0 if executor.ray_address else min(executor.num_workers, os.cpu_count() or 1)
+    helpers = _Helpers(count, spec, todo, claims)
+    results: queue.Queue = queue.Queue()
+    helper_cpu: list[float] = []  # CPU seconds per file in the helpers: unlike wall time, it
+    # does not depend on how much of the machine Ray's start-up is taking meanwhile
+
+    def helpers_eta(files: int) -> float:
+        """Seconds the helpers need for `files` more files (inf until a few are timed)."""
+        if len(helper_cpu) < 4 or helpers.count == 0:
+            return math.inf
+        return files * float(np.median(helper_cpu)) / helpers.count
+
+    runner = _RayRunner(todo, spec, executor, claims, results, helpers_eta)
+    runner.start()
+    _SHUTDOWN = runner
+    seen: set[str] = set()
+    ray_finished = False
+    try:
+        while len(seen) < len(todo):
+            for summary in helpers.take():
+                seen.add(summary["file"])
+                if "cpu_seconds" in summary:
+                    helper_cpu.append(summary["cpu_seconds"])
+                yield _progress(summary, len(seen), len(todo), progress)
+            if helpers.errors:
+                raise helpers.errors[0]
+            if runner.error is not None:
+                raise runner.error
+            if ray_finished and helpers.finished():
+                for summary in helpers.take():  # what they printed last
+                    seen.add(summary["file"])
+                    yield _progress(summary, len(seen), len(todo), progress)
+                missing = [p.name for p, _ in todo if p.name not in seen]
+                if missing:
+                    raise SignalsError(f"no worker computed the signals of {', '.join(missing[:5])}")
+                break
+            try:
+                summary = results.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if summary is None:
+                ray_finished = True
+                continue
+            seen.add(summary["file"])
+            yield _progress(summary, len(seen), len(todo), progress)
     finally:
-        if started_here:
-            ray.shutdown()
+        runner.stop.set()
+        helpers.stop()
+        shutil.rmtree(claims.root, ignore_errors=True)
+
+
+def _progress(summary: dict, done: int, total: int, progress: bool) -> dict:
+    if progress and (done == total or done % max(1, total // 10) == 0):
+        print(f"signals: {done}/{total} files", file=sys.stderr)
+    return summary
 
 
 def iter_signal_tables(files: Sequence[Path], signals_dir: Path, columns: Sequence[str]):

@@ -9,19 +9,22 @@ The rules (and their DataComp source, reference section 2):
 strategy    DataComp ``--name``          rules, in funnel order
 ==========  ===========================  =========================================================
 no_filter   no_filter                    (none)
-basic       basic_filter                 caption readable, fastText en, > 2 words, > 5 chars,
-                                         shorter side >= 200, aspect <= 3
-text        text_based                   caption readable, fastText en, an ImageNet-21k word
+basic       basic_filter                 caption readable, > 2 words, > 5 chars, shorter side
+                                         >= 200, aspect <= 3, fastText en
+text        text_based                   caption readable, an ImageNet-21k word, fastText en
 clip        clip_score                   score present, score >= threshold (or top fraction)
 laion       laion2b                      B/32 present, B/32 >= 0.28, caption readable, CLD3 en
-image       image_based                  caption readable, fastText en, > 1 fastText token,
-                                         > 5 chars, nearest centroid is a target centroid
+image       image_based                  caption readable, > 1 fastText token, > 5 chars,
+                                         fastText en, nearest centroid is a target centroid
 image_clip  image_based_intersect_       score present, score >= threshold, then as image
             clip_score
 ==========  ===========================  =========================================================
 
 "Caption readable" fails null captions and bytes that are not UTF-8 (DataComp would crash);
-"score present" fails NaN/null scores (DataComp's comparisons are False for them too).
+"score present" fails NaN/null scores (DataComp's comparisons are False for them too). The
+funnel is sequential: each rule reports the rows that reach it, pass it and are dropped by it.
+The model rules come last, so fastText and CLD3 run only on rows the other rules keep (the
+signals pass computes their labels there and nowhere else: the strategy's "gate").
 """
 
 from __future__ import annotations
@@ -51,26 +54,28 @@ class Strategy:
     uses_clip_score: bool = False  # takes --arch and --fraction/--threshold
     needs_npz: bool = False
     needs_centroids: bool = False
+    lid_gate: str | None = None  # rows that need a fastText label (pipeline.signals.LID_GATES)
 
 
 _STRATEGY_LIST = (
     Strategy(name="no_filter", datacomp_name="no_filter", description="every uid of the pool"),
-    Strategy(name="basic", datacomp_name="basic_filter", groups=("caption",),
-             metadata_columns=("text", "original_width", "original_height"),
+    Strategy(name="basic", datacomp_name="basic_filter", groups=("text", "fasttext"),
+             metadata_columns=("text", "original_width", "original_height"), lid_gate="basic",
              description="fastText English, > 2 words, > 5 chars, shorter side >= 200, aspect <= 3"),
-    Strategy(name="text", datacomp_name="text_based", groups=("caption", "entity"), metadata_columns=("text",),
+    Strategy(name="text", datacomp_name="text_based", groups=("text", "fasttext", "entity"),
+             metadata_columns=("text",), lid_gate="text",
              description="fastText English and a caption word naming an ImageNet-21k class"),
-    Strategy(name="image", datacomp_name="image_based", groups=("caption", "centroid"),
-             metadata_columns=("text",), needs_npz=True, needs_centroids=True,
+    Strategy(name="image", datacomp_name="image_based", groups=("text", "fasttext", "centroid"),
+             metadata_columns=("text",), needs_npz=True, needs_centroids=True, lid_gate="prefilter",
              description="caption pre-filter and nearest pool centroid near ImageNet"),
-    Strategy(name="laion", datacomp_name="laion2b", groups=("cld3",),
+    Strategy(name="laion", datacomp_name="laion2b", groups=("text", "cld3"),
              metadata_columns=("text", SCORE_COLUMNS["b32"]),
              description="CLIP B/32 score >= 0.28 and CLD3 English"),
     Strategy(name="clip", datacomp_name="clip_score", uses_clip_score=True,
              description="CLIP score >= threshold, or the top fraction of the pool"),
     Strategy(name="image_clip", datacomp_name="image_based_intersect_clip_score",
-             groups=("caption", "centroid"), metadata_columns=("text",), uses_clip_score=True,
-             needs_npz=True, needs_centroids=True,
+             groups=("text", "fasttext", "centroid"), metadata_columns=("text",), uses_clip_score=True,
+             needs_npz=True, needs_centroids=True, lid_gate="prefilter",
              description="CLIP score first (fraction over the whole pool), then image-based"),
 )
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _STRATEGY_LIST}
@@ -136,6 +141,7 @@ class Rule:
     name: str  # the counter in stats.json
     columns: tuple[str, ...]
     test: Callable[[Columns], np.ndarray]
+    needs_label: str | None = None  # a model label column that must be present where the rule runs
 
 
 def _readable(c: Columns) -> np.ndarray:
@@ -145,20 +151,22 @@ def _readable(c: Columns) -> np.ndarray:
 def rules_for(name: str, p: QueryParams) -> tuple[Rule, ...]:
     """The rules of strategy `name` with parameters `p` (thresholds already resolved)."""
     readable = Rule("caption_readable", ("text_status",), _readable)
-    english = Rule(f"fasttext_{p.language.label}", ("fasttext_lang",),
-                   lambda c: language_mask(c["fasttext_lang"], p.language))
+    english = Rule(f"fasttext_{p.language.label}", ("fasttext_lang", "text_status"),
+                   lambda c: language_mask(c["fasttext_lang"], p.language), needs_label="fasttext_lang")
     if name == "no_filter":
         return ()
     if name == "basic":
         cl, im = p.caption_length, p.image_size
-        return (readable, english,
+        return (readable,
                 Rule(f"caption_words_gt_{cl.min_words}", ("caption_words",), lambda c: c["caption_words"] > cl.min_words),
                 Rule(f"caption_chars_gt_{cl.min_chars}", ("caption_chars",), lambda c: c["caption_chars"] > cl.min_chars),
                 Rule(f"min_side_ge_{im.min_side}", ("min_side",), lambda c: c["min_side"] >= im.min_side),
-                Rule(f"aspect_le_{im.max_aspect:g}", ("aspect_ratio",), lambda c: c["aspect_ratio"] <= im.max_aspect))
+                Rule(f"aspect_le_{im.max_aspect:g}", ("aspect_ratio",), lambda c: c["aspect_ratio"] <= im.max_aspect),
+                english)
     if name == "text":
-        return (readable, english,
-                Rule("imagenet21k_entity", ("imagenet21k_entity",), lambda c: c["imagenet21k_entity"]))
+        return (readable,
+                Rule("imagenet21k_entity", ("imagenet21k_entity",), lambda c: c["imagenet21k_entity"]),
+                english)
     if name == "laion":
         lp = p.laion
         col = SCORE_COLUMNS["b32"]
@@ -181,9 +189,10 @@ def rules_for(name: str, p: QueryParams) -> tuple[Rule, ...]:
             raise ValueError("the image-based rule needs its target centroids")
         targets = p.target_ids
         return clip_rules + (
-            readable, english,
+            readable,
             Rule(f"fasttext_tokens_gt_{cp.min_tokens}", ("fasttext_tokens",), lambda c: c["fasttext_tokens"] > cp.min_tokens),
             Rule(f"caption_chars_gt_{cp.min_chars}", ("caption_chars",), lambda c: c["caption_chars"] > cp.min_chars),
+            english,
             Rule("nearest_centroid_in_targets", ("nearest_centroid",),
                  lambda c: image_based_mask(c["nearest_centroid"], targets)))
     raise ValueError(f"unknown strategy {name!r}")
@@ -191,24 +200,22 @@ def rules_for(name: str, p: QueryParams) -> tuple[Rule, ...]:
 
 @dataclass
 class Funnel:
-    """Counts of one strategy: rows, per-rule passes, first-failure drops, kept."""
+    """Sequential counts of one strategy: rows in, then per rule the rows it drops, kept."""
 
     rules: tuple[str, ...]
     rows: int = 0
     kept: int = 0
-    passed: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.passed = {r: 0 for r in self.rules}
         self.dropped = {r: 0 for r in self.rules}
 
     def as_dict(self) -> dict:
         steps, remaining = [], self.rows
         for r in self.rules:
+            steps.append({"rule": r, "in": remaining, "passed": remaining - self.dropped[r],
+                          "dropped": self.dropped[r]})
             remaining -= self.dropped[r]
-            steps.append({"rule": r, "passed": self.passed[r], "dropped": self.dropped[r],
-                          "remaining": remaining})
         return {"rows": self.rows, "kept": self.kept, "funnel": steps,
                 "dropped": {r: self.dropped[r] for r in self.rules if self.dropped[r]}}
 
@@ -219,12 +226,22 @@ def apply_rules(rules: Sequence[Rule], columns: Columns, funnel: Funnel) -> np.n
     keep = np.ones(n, dtype=bool)
     for rule in rules:
         ok = np.asarray(rule.test(columns), dtype=bool)
-        funnel.passed[rule.name] += int(ok.sum())
+        if rule.needs_label is not None:
+            _check_labels(columns, rule, keep)
         funnel.dropped[rule.name] += int((keep & ~ok).sum())
         keep &= ok
     funnel.rows += n
     funnel.kept += int(keep.sum())
     return keep
+
+
+def _check_labels(columns: Columns, rule: Rule, reaching: np.ndarray) -> None:
+    """Every readable row that reaches a model rule must have the model's label."""
+    labels = columns[rule.needs_label]
+    unlabeled = reaching & (columns["text_status"] == TextStatus.OK) & ~labels.is_valid().to_numpy(zero_copy_only=False)
+    if unlabeled.any():
+        raise RuntimeError(f"{int(unlabeled.sum())} rows reach rule {rule.name} without a {rule.needs_label}: "
+                           "the signals were computed for other strategies; delete the signals folder")
 
 
 def rule_columns(rules: Sequence[Rule]) -> set[str]:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,12 +47,12 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def all_run(pool, image_inputs, ray_cluster, tmp_path_factory):
-    """`--strategy all` once, on Ray with 2 workers."""
+    """`--strategy all` once, as a Ray Data job with 2 workers doing every file (no helpers)."""
     out = tmp_path_factory.mktemp("all")
     centroids, targets = image_inputs
     stats = main(["--pool", str(pool), "--strategy", "all", "--centroids", str(centroids), "--targets",
-                  str(targets), "--out", str(out), "--num-workers", "2", "--signals-dir", str(out / "signals"),
-                  "--quiet"])
+                  str(targets), "--out", str(out), "--num-workers", "2", "--helpers", "0",
+                  "--signals-dir", str(out / "signals"), "--quiet"])
     return out, stats
 
 
@@ -124,18 +125,22 @@ def test_stats_account_for_every_row(all_run):
         assert s["rows"] == s["kept"] + sum(s["dropped"].values()), name
         assert s["kept"] == len(np.load(out / f"{name}.npy")), name
         if s["funnel"]:
-            assert s["funnel"][-1]["remaining"] == s["kept"]
+            assert s["funnel"][-1]["passed"] == s["kept"]
+            assert s["funnel"][0]["in"] == 1200
+            for step, following in zip(s["funnel"], s["funnel"][1:]):
+                assert step["passed"] == following["in"] == step["in"] - step["dropped"]
     basic = on_disk["strategies"]["basic"]
-    assert [f["rule"] for f in basic["funnel"]] == ["caption_readable", "fasttext_en", "caption_words_gt_2",
-                                                    "caption_chars_gt_5", "min_side_ge_200", "aspect_le_3"]
+    assert [f["rule"] for f in basic["funnel"]] == ["caption_readable", "caption_words_gt_2", "caption_chars_gt_5",
+                                                    "min_side_ge_200", "aspect_le_3", "fasttext_en"]
     assert on_disk["fraction_threshold"]["rank"] == 360
 
 
 def test_manifest(all_run):
     out, _ = all_run
     m = json.loads((out / "manifest.json").read_text())
-    assert m["signals"]["groups"] == ["base", "caption", "entity", "cld3", "centroid"]
+    assert m["signals"]["groups"] == ["base", "text", "entity", "cld3", "fasttext", "centroid"]
     assert m["signals"]["files_computed"] == 4
+    assert m["signals"]["computed_by"] == {"ray": 4}
     assert m["models"]["fasttext_lid"]["path"].endswith("lid.176.ftz")
     assert m["models"]["centroids"]["shape"] == [13, 768]
     assert {"numpy", "pyarrow", "ray", "nltk"} <= set(m["versions"])
@@ -192,3 +197,57 @@ def test_later_runs_add_strategies_to_the_same_folder(pool, tmp_path):
     main(common + ["--strategy", "basic"])
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert list(stats["strategies"]) == ["no_filter", "basic"]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_each_strategy_alone_equals_its_part_of_all(all_run, pool, image_inputs, tmp_path, strategy):
+    centroids, targets = image_inputs
+    main(["--pool", str(pool), "--strategy", strategy, "--centroids", str(centroids), "--targets", str(targets),
+          "--out", str(tmp_path), "--executor", "local", "--signals-dir", str(tmp_path / "signals"), "--quiet"])
+    assert (tmp_path / f"{strategy}.npy").read_bytes() == (all_run[0] / f"{strategy}.npy").read_bytes()
+
+
+def test_strategies_run_one_after_another_on_shared_signals(all_run, pool, image_inputs, tmp_path):
+    """fastText labels are computed only where a requested strategy needs them; later runs
+    with other strategies fill in the rest and still agree with the all-at-once run."""
+    from pipeline.signals import read_signals_header
+
+    centroids, targets = image_inputs
+    signals = tmp_path / "signals"
+    common = ["--pool", str(pool), "--centroids", str(centroids), "--targets", str(targets), "--out",
+              str(tmp_path), "--executor", "local", "--signals-dir", str(signals), "--quiet"]
+    gates = []
+    for strategy in ["basic", "text", "laion", "image", "image_clip", "clip", "no_filter"]:
+        main(common + ["--strategy", strategy])
+        assert (tmp_path / f"{strategy}.npy").read_bytes() == (all_run[0] / f"{strategy}.npy").read_bytes()
+        header = read_signals_header(sorted(signals.glob("*.parquet"))[0])
+        gates.append(len(header.get("fasttext_gates", [])))
+    assert gates[:4] == [1, 2, 2, 3]
+    labels = pq.read_table(signals, columns=["fasttext_lang", "text_status"])
+    assert labels.column("fasttext_lang").null_count > labels.column("text_status").to_numpy().astype(bool).sum()
+
+
+def test_missing_labels_are_caught_not_silently_dropped(pool, tmp_path):
+    """A signals file that claims a gate it does not cover fails loudly at the English rule."""
+    import json as _json
+
+    from pipeline.signals import METADATA_KEY
+
+    signals = tmp_path / "signals"
+    common = ["--pool", str(pool), "--out", str(tmp_path), "--executor", "local", "--signals-dir", str(signals),
+              "--quiet"]
+    main(common + ["--strategy", "basic"])
+    main(common + ["--strategy", "text"])  # entity computed, text gate covered
+    path = sorted(signals.glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    header = _json.loads(table.schema.metadata[METADATA_KEY])
+    labels = table.column("fasttext_lang").to_pylist()
+    entity = table.column("imagenet21k_entity").to_pylist()
+    words = table.column("caption_words").to_pylist()
+    # forget the labels of entity rows that the basic gate would not have labelled
+    labels = [None if (e and w <= 2) else lab for lab, e, w in zip(labels, entity, words)]
+    table = table.set_column(table.schema.get_field_index("fasttext_lang"), "fasttext_lang",
+                             pa.array(labels, pa.string()).dictionary_encode())
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: _json.dumps(header)}), path)
+    with pytest.raises(RuntimeError, match="without a fasttext_lang"):
+        main(common + ["--strategy", "text"])

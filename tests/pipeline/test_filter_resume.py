@@ -62,10 +62,10 @@ def clean_run(many_files_pool, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
-def test_killed_run_resumes_to_identical_files(many_files_pool, clean_run, tmp_path, executor):
+@pytest.mark.parametrize("executor,helpers", [("local", None), ("ray", None), ("ray", "0")])
+def test_killed_run_resumes_to_identical_files(many_files_pool, clean_run, tmp_path, executor, helpers):
     out, signals = tmp_path / "out", tmp_path / "signals"
-    extra = ("--executor", executor, "--num-workers", "2")
+    extra = ("--executor", executor, "--num-workers", "2", *(("--helpers", helpers) if helpers else ()))
     _kill_midway(_cmd(many_files_pool, out, signals, *extra), signals, total=240, at_least=12)
     assert not any(out.glob("*.npy"))  # nothing half-written is left as if finished
     proc = subprocess.run(_cmd(many_files_pool, out, signals, *extra, "--quiet"), capture_output=True, text=True)
@@ -73,6 +73,8 @@ def test_killed_run_resumes_to_identical_files(many_files_pool, clean_run, tmp_p
     assert _outputs(out) == _outputs(clean_run)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["signals"]["files_reused"] >= 12
+    if helpers == "0":
+        assert set(manifest["signals"]["computed_by"]) == {"ray"}
     assert manifest["signals"]["files_computed"] + manifest["signals"]["files_reused"] == 240
     # the signals themselves equal the clean run's, file for file
     for path in sorted(signals.glob("[!.]*.parquet"))[:20]:
@@ -101,10 +103,10 @@ def test_rerun_reuses_and_recomputes_only_what_changed(tmp_path):
     from pipeline.signals import read_signals_header
 
     sig = sorted((pool / "signals").glob("*.parquet"))[0]
-    caption_key = read_signals_header(sig)["groups"]["caption"]
+    lid_key = read_signals_header(sig)["groups"]["fasttext"]
     main(common + ["--strategy", "text"])
     header = read_signals_header(sig)
-    assert header["groups"]["caption"] == caption_key and "entity" in header["groups"]
+    assert header["groups"]["fasttext"] == lid_key and "entity" in header["groups"]
 
     # editing one metadata file recomputes that file only
     meta = sorted((pool / "metadata").glob("*.parquet"))[1]
