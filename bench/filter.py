@@ -42,11 +42,15 @@ FIVE = ("no_filter", "basic", "text", "clip", "laion")
 
 
 # --- the pool -----------------------------------------------------------------------------------
-def make_pool(root: Path, rows: int, rows_per_file: int, seed: int, npz: bool) -> Path:
-    """A metadata-only synthetic pool with random scores, filled file by file (bounded memory)."""
+def make_pool(root: Path, rows: int, rows_per_file: int, seed: int, npz: bool, unique: bool = False) -> Path:
+    """A metadata-only synthetic pool with random scores, filled file by file (bounded memory).
+
+    `unique`: append the row number to every caption, so that no caption repeats and nothing
+    is saved by running the models once per distinct caption (the worst case for the filter).
+    """
     from pools.synth import SynthConfig, generate
 
-    pool = root / f"pool_{rows}_{rows_per_file}_{seed}"
+    pool = root / f"pool_{rows}_{rows_per_file}_{seed}{'_unique' if unique else ''}"
     done = pool / "bench_scores.json"
     if not done.is_file():
         generate(pool, SynthConfig(samples=rows, seed=seed, rows_per_file=rows_per_file, images=False),
@@ -58,6 +62,10 @@ def make_pool(root: Path, rows: int, rows_per_file: int, seed: int, npz: bool) -
             for name in ("clip_b32_similarity_score", "clip_l14_similarity_score"):
                 scores = rng.uniform(-0.05, 0.45, n).astype(np.float32)
                 table = table.set_column(table.schema.get_field_index(name), name, pa.array(scores))
+            if unique:
+                texts = [None if t is None else f"{t} {i * rows_per_file + r}"
+                         for r, t in enumerate(table.column("text").to_pylist())]
+                table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
             pq.write_table(table, path)
         done.write_text(json.dumps({"rows": rows, "scores": "uniform(-0.05, 0.45), random"}))
     if npz and not (pool / "bench_npz.json").is_file():
@@ -196,6 +204,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workers", type=int, default=2, help="signal workers (default %(default)s)")
     parser.add_argument("--executor", choices=["ray", "local"], default="ray")
     parser.add_argument("--npz", action="store_true", help="add l14_img embeddings and time image/image_clip")
+    parser.add_argument("--unique-captions", action="store_true", help="make every caption distinct (no "
+                        "repeated caption for the per-distinct-caption model calls to save)")
     parser.add_argument("--strategies", nargs="+", help="only these (default: every strategy the pool allows)")
     parser.add_argument("--no-combined", action="store_true", help="skip the five/all commands")
     parser.add_argument("--reference", action="store_true", help="also time the row-by-row re-statement of "
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    pool = args.pool or make_pool(args.work_dir, args.rows, args.rows_per_file, args.seed, args.npz)
+    pool = args.pool or make_pool(args.work_dir, args.rows, args.rows_per_file, args.seed, args.npz,
+                                  args.unique_captions)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (pool / "metadata").glob("*.parquet"))
     has_npz = all(p.with_suffix(".npz").is_file() for p in (pool / "metadata").glob("*.parquet"))
     extra: list[str] = [] if args.helpers is None else ["--helpers", str(args.helpers)]

@@ -174,3 +174,10 @@ def test_cli_exit_code_and_message(pool, tmp_path):
                            "--out", str(tmp_path / "o"), "--executor", "local"], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: not a readable parquet file")
+
+
+def test_unreachable_ray_address_is_a_clear_error(pool, tmp_path):
+    from pipeline.signals import SignalsError
+
+    with pytest.raises(SignalsError, match=r"cannot start or reach the Ray cluster at 127\.0\.0\.1:1"):
+        _run(pool, tmp_path / "out", "basic", extra=("--executor", "ray", "--ray-address", "127.0.0.1:1"))
