@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise FilterError(f"{missing[0]} is missing: k-means clusters the l14_img embeddings of the npz "
                           "beside each metadata parquet")
     if not args.no_caption_filter:
-        from pipeline.signals import Executor, SignalsSpec, expand_groups, group_keys, run_signals_pass
+        from pipeline.execution import Executor
+        from pipeline.signals import SignalsSpec, expand_groups, group_keys, run_signals_pass
 
         groups = expand_groups(["fasttext"], ["prefilter"])
         spec = SignalsSpec(groups=groups, keys=group_keys(groups, lid_model=None, morphy_repeat_rules=True,

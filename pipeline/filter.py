@@ -37,7 +37,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from filters.clip_score import ClipScore, DescendingRankSelector
@@ -341,7 +340,7 @@ def compute_threshold(source: TableSource, column: str, fraction: float) -> tupl
 
 def run(cfg: FilterConfig) -> dict:
     """Run the filtering job described by `cfg`; returns the stats written to stats.json."""
-    from pipeline.signals import finish_ray
+    from pipeline.execution import finish_ray
 
     try:
         return _run(cfg)
@@ -379,7 +378,8 @@ def _run(cfg: FilterConfig) -> dict:
     strategies = [STRATEGIES[n] for n in names]
 
     # 1. signals
-    from pipeline.signals import (Executor, SignalsSpec, expand_groups, group_keys, run_signals_pass)
+    from pipeline.execution import Executor
+    from pipeline.signals import SignalsSpec, expand_groups, group_keys, run_signals_pass
 
     lid_gates = tuple(sorted({s.lid_gate for s in strategies if s.lid_gate}))
     groups = expand_groups({g for s in strategies for g in s.groups}, lid_gates)
@@ -451,15 +451,20 @@ def _run(cfg: FilterConfig) -> dict:
     files_read = len(files_seen)
     timings["query_s"] = time.perf_counter() - t
 
-    # A score column that is empty everywhere is a pool that was never scored, not a subset.
-    for n in names:
+    # A score column that is empty everywhere is a pool that was never scored, not a subset:
+    # an error, or with --strategy all a strategy skipped with its reason.
+    for n in list(names):
         f = funnels[n]
         present = [r for r in f.rules if r.endswith("_present")]
         if present and f.rows and f.dropped[present[0]] == f.rows:
             col = present[0][: -len("_present")]
-            raise FilterError(f"{col} is empty (null or NaN) in every row of {cfg.pool}, so strategy {n} "
-                              "would keep nothing: score the pool first (`python -m pipeline.score`) or "
-                              "use a pool with CLIP scores")
+            why = (f"{col} is empty (null or NaN) in every row of {cfg.pool}, so strategy {n} would keep "
+                   "nothing: score the pool first (`python -m pipeline.score`) or use a pool with CLIP scores")
+            if not cfg.all_requested:
+                raise FilterError(why)
+            skipped_strategies[n] = why
+            _log(cfg, f"skipping {n}: {why}")
+            names.remove(n)
 
     # outputs
     t = time.perf_counter()
@@ -594,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--targets in1k_clip_vit_l14_{0,1,2,3,4}.pt --out subsets\n")
     g = parser.add_argument_group("pool")
     g.add_argument("--pool", type=Path, help="pool folder (metadata/*.parquet [+ .npz]); default: "
-                   f"<data root>/<scale>")
+                   "<data root>/<scale>")
     g.add_argument("--scale", default="tiny", choices=list(SCALES),
                    help="the pool's scale: picks the default pool and centroids (default %(default)s)")
     g.add_argument("--data-root", type=Path, default=None,

@@ -30,14 +30,14 @@ signals pass computes their labels there and nowhere else: the strategy's "gate"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from filters.clip_score import ClipScore, score_mask
 from filters.image_based import image_based_mask
-from filters.image_size import ImageSize, image_size_mask
+from filters.image_size import ImageSize
 from filters.language import Language, language_mask
 from filters.laion import Laion2B
 from filters.text import CaptionLength, CaptionPrefilter, TextStatus

@@ -163,6 +163,11 @@ def test_unscored_pool_is_an_error_not_an_empty_subset(tmp_path):
     pool = generate(tmp_path / "unscored", SynthConfig(samples=200, seed=2, images=False)) and tmp_path / "unscored"
     with pytest.raises(FilterError, match="clip_l14_similarity_score is empty.*pipeline.score"):
         _run(pool, tmp_path / "out", "clip")
+    stats = _run(pool, tmp_path / "all", "all")  # the strategies that need scores are skipped
+    assert set(stats["strategies"]) == {"no_filter", "basic", "text"}
+    assert set(stats["strategies_skipped"]) == {"clip", "laion", "image", "image_clip"}
+    assert "pipeline.score" in stats["strategies_skipped"]["laion"]
+    assert sorted(p.name for p in (tmp_path / "all").glob("*.npy")) == ["basic.npy", "no_filter.npy", "text.npy"]
 
 
 def test_cli_exit_code_and_message(pool, tmp_path):
