@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from filters.arrays import to_numpy
 from filters.text import PYTHON_SPACE_RUN, caption_array
 
 # NLTK's POS_LIST: the order in which `wordnet.synsets(word)` lists parts of speech.
@@ -143,8 +144,8 @@ def entity_hit_mask(texts: pa.Array, word_is_entity: Callable[[Sequence[str]], n
         return np.zeros(len(texts), dtype=bool)
     encoded = pc.dictionary_encode(flat)
     hits = np.asarray(word_is_entity(encoded.dictionary.to_pylist()), dtype=bool)
-    per_word = hits[encoded.indices.to_numpy(zero_copy_only=False)]
-    offsets = words.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    per_word = hits[to_numpy(encoded.indices)]
+    offsets = to_numpy(words.offsets).astype(np.int64)
     offsets = offsets - offsets[0]
     cumulative = np.concatenate(([0], np.cumsum(per_word, dtype=np.int64)))
     return (cumulative[offsets[1:]] - cumulative[offsets[:-1]]) > 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from filters.arrays import to_numpy
+
 
 @dataclass(frozen=True, kw_only=True)
 class ImageSize:
@@ -21,8 +23,8 @@ class ImageSize:
 
 def _as_float(values) -> np.ndarray:
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        values = values.to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.float64)  # nulls become NaN, as in pandas
+        return to_numpy(values.cast(pa.float64()))  # nulls become NaN, as in pandas
+    return np.asarray(values, dtype=np.float64)
 
 
 def min_side(width, height) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from filters.arrays import to_numpy
 from filters.text import caption_array
 
 
@@ -46,4 +47,4 @@ def language_mask(labels: pa.Array | np.ndarray | list, p: Language = Language()
         labels = labels.combine_chunks()
     if pa.types.is_dictionary(labels.type):
         labels = labels.dictionary_decode()
-    return pc.fill_null(pc.equal(labels, p.label), False).to_numpy(zero_copy_only=False)
+    return to_numpy(pc.fill_null(pc.equal(labels, p.label), False))

@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from filters.arrays import to_numpy
+
 # fastText's Dictionary::readWord separators: space, \n, \r, \t, \v, \f and NUL.
 _FASTTEXT_TOKEN = "[^ \\n\\r\\t\\v\\f\\x00]+"
 # The characters Python's str.split() splits on (str.isspace(): category Zs or bidi class WS, B
@@ -79,7 +81,7 @@ def caption_array(texts: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> p
 def text_status(texts: pa.Array) -> np.ndarray:
     """`TextStatus` of every row (uint8): readable, null, or not valid UTF-8."""
     texts = caption_array(texts)
-    status = np.where(texts.is_null().to_numpy(zero_copy_only=False), TextStatus.NULL,
+    status = np.where(to_numpy(texts.is_null()), TextStatus.NULL,
                       TextStatus.OK).astype(np.uint8)
     try:
         texts.validate(full=True)
@@ -111,7 +113,7 @@ def readable_captions(texts: pa.Array, status: np.ndarray | None = None) -> pa.A
 def whitespace_word_count(texts: pa.Array) -> np.ndarray:
     """``len(text.split())`` per row: words separated by Unicode whitespace, as Python splits."""
     words = pc.count_substring_regex(caption_array(texts), _PYTHON_WORD)
-    return pc.fill_null(words, 0).to_numpy(zero_copy_only=False).astype(np.int32)
+    return to_numpy(pc.fill_null(words, 0)).astype(np.int32)
 
 
 def fasttext_token_count(texts: pa.Array) -> np.ndarray:
@@ -124,14 +126,12 @@ def fasttext_token_count(texts: pa.Array) -> np.ndarray:
     texts = caption_array(texts)
     words = pc.fill_null(pc.count_substring_regex(texts, _FASTTEXT_TOKEN), 0)
     newlines = pc.fill_null(pc.count_substring(texts, "\n"), 0)
-    return (words.to_numpy(zero_copy_only=False).astype(np.int32)
-            + newlines.to_numpy(zero_copy_only=False).astype(np.int32))
+    return to_numpy(words).astype(np.int32) + to_numpy(newlines).astype(np.int32)
 
 
 def char_count(texts: pa.Array) -> np.ndarray:
     """``len(text)`` per row: Unicode code points."""
-    return pc.fill_null(pc.utf8_length(caption_array(texts)), 0).to_numpy(
-        zero_copy_only=False).astype(np.int32)
+    return to_numpy(pc.fill_null(pc.utf8_length(caption_array(texts)), 0)).astype(np.int32)
 
 
 def caption_length_mask(words: np.ndarray, chars: np.ndarray, p: CaptionLength) -> np.ndarray:

@@ -39,13 +39,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from filters.arrays import from_numpy, to_numpy
 from filters.clip_score import ClipScore, DescendingRankSelector
 from pools.files import sha256_file, write_json_atomic
 from pools.format import SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
 from pools.scales import SCALES, get_scale
 from pools.uids import UID_DTYPE, uids_to_records, write_subset
 
-from pipeline.signals import nan_for_null
 from pipeline.strategies import (ALIASES, STRATEGIES, Columns, Funnel, QueryParams, apply_rules,
                                  resolve_strategy_names, rule_columns, rules_for)
 
@@ -248,9 +248,7 @@ def _metadata_table(table: pa.Table, columns: Sequence[str]) -> pa.Table:
         if c in ("uid_hi", "uid_lo", "uid"):
             continue
         col = table.column(c)
-        if c in SCORE_COLUMNS.values():
-            col = pa.array(nan_for_null(col))
-        out[c] = col
+        out[c] = col  # nulls in score columns read as NaN (filters.arrays.to_numpy)
     return pa.table(out)
 
 
@@ -308,7 +306,7 @@ def _uid_records(table: pa.Table, cols: Columns, rows: np.ndarray, path: Path) -
     uids = table.column("uid")
     subset = len(rows) < len(uids)
     try:
-        return uids_to_records(uids.take(pa.array(rows)) if subset else uids)
+        return uids_to_records(uids.take(from_numpy(rows.astype(np.int64))) if subset else uids)
     except ValueError:
         pass
     for row in rows:  # name the first bad row of the file
@@ -324,7 +322,7 @@ def compute_threshold(source: TableSource, column: str, fraction: float) -> tupl
     selector = None
     while selector is None or not selector.done:
         for _, table in source:
-            values = table.column(column).combine_chunks().to_numpy(zero_copy_only=False)
+            values = to_numpy(table.column(column))
             if selector is None:
                 selector = DescendingRankSelector(values.dtype if values.dtype.kind == "f" else np.float64,
                                                   fraction)

@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from filters.arrays import to_numpy
 from filters.image_based import nearest_centroid
 from filters.image_size import ImageSize, aspect_ratio, image_size_mask, min_side
 from filters.language import language_id_input, language_mask
@@ -238,7 +239,7 @@ def _per_unique(texts: pa.Array, fn) -> np.ndarray:
     values = np.asarray(fn(encoded.dictionary))
     idx = encoded.indices.to_numpy(zero_copy_only=False)
     if encoded.indices.null_count:
-        valid = ~encoded.indices.is_null().to_numpy(zero_copy_only=False)
+        valid = ~to_numpy(encoded.indices.is_null())
         out = np.zeros(len(texts), dtype=values.dtype)
         out[valid] = values[idx[valid].astype(np.int64)]
         return out
@@ -418,7 +419,7 @@ class SignalsWorker:
         encoded = pc.dictionary_encode(texts)
         unique = encoded.dictionary
         index = encoded.indices.to_numpy(zero_copy_only=False)
-        valid = ~encoded.indices.is_null().to_numpy(zero_copy_only=False) if encoded.indices.null_count else None
+        valid = ~to_numpy(encoded.indices.is_null()) if encoded.indices.null_count else None
 
         def per_row(values: np.ndarray) -> pa.Array:
             if valid is None:
@@ -456,7 +457,7 @@ class SignalsWorker:
         labels = (_combined(previous).dictionary_decode() if previous is not None
                   and pa.types.is_dictionary(_combined(previous).type)
                   else (_combined(previous) if previous is not None else pa.nulls(n, pa.string())))
-        missing = np.flatnonzero(self.lid_gate(columns) & ~labels.is_valid().to_numpy(zero_copy_only=False))
+        missing = np.flatnonzero(self.lid_gate(columns) & ~to_numpy(labels.is_valid()))
         if len(missing) == 0:
             return labels.dictionary_encode()
         new = _map_unique(language_id_input(texts.take(pa.array(missing))), self.lid)
@@ -471,7 +472,7 @@ class SignalsWorker:
         return entity_hit_mask(unique_texts, self.entity)
 
     def _cld3_labels(self, texts: pa.Array, b32: np.ndarray) -> pa.Array:
-        gate = cld3_needed(b32, self.spec.laion) & texts.is_valid().to_numpy(zero_copy_only=False)
+        gate = cld3_needed(b32, self.spec.laion) & to_numpy(texts.is_valid())
         rows = np.flatnonzero(gate)
         if len(rows) == 0:
             return pa.nulls(len(texts), pa.string()).dictionary_encode()
@@ -503,7 +504,7 @@ def nan_for_null(scores: pa.Array | pa.ChunkedArray) -> np.ndarray:
     dtype = np.float64 if pa.types.is_float64(scores.type) else np.float32
     if pa.types.is_null(scores.type):
         return np.full(len(scores), np.nan, dtype=dtype)
-    return np.asarray(scores.to_numpy(zero_copy_only=False), dtype=dtype)
+    return np.asarray(to_numpy(scores), dtype=dtype)
 
 
 def _combined(col) -> pa.Array:
@@ -516,7 +517,8 @@ def _np(col) -> np.ndarray:
     col = _combined(col)
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
-    return col.to_numpy(zero_copy_only=False)
+    return to_numpy(col) if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
+        else col.to_numpy(zero_copy_only=False)
 
 
 # --- running the pass (the machinery is in pipeline.execution) ------------------------------

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from filters.arrays import to_numpy
 from filters.clip_score import ClipScore, score_mask
 from filters.image_based import image_based_mask
 from filters.image_size import ImageSize
@@ -132,7 +133,7 @@ class Columns:
             if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
                 self._cache[name] = col  # labels stay Arrow for vectorised comparisons
             else:
-                self._cache[name] = col.to_numpy(zero_copy_only=False)
+                self._cache[name] = to_numpy(col)  # float nulls (scores) become NaN
         return self._cache[name]
 
 
@@ -238,7 +239,7 @@ def apply_rules(rules: Sequence[Rule], columns: Columns, funnel: Funnel) -> np.n
 def _check_labels(columns: Columns, rule: Rule, reaching: np.ndarray) -> None:
     """Every readable row that reaches a model rule must have the model's label."""
     labels = columns[rule.needs_label]
-    unlabeled = reaching & (columns["text_status"] == TextStatus.OK) & ~labels.is_valid().to_numpy(zero_copy_only=False)
+    unlabeled = reaching & (columns["text_status"] == TextStatus.OK) & ~to_numpy(labels.is_valid())
     if unlabeled.any():
         raise RuntimeError(f"{int(unlabeled.sum())} rows reach rule {rule.name} without a {rule.needs_label}: "
                            "the signals were computed for other strategies; delete the signals folder")
