@@ -1,6 +1,7 @@
 """Benchmark `pipeline.filter`: whole-command wall time, rows/s and peak memory per strategy.
 
-    python bench/filter.py [--rows 2000000] [--workers 2] [--npz] [--pool P] [--reference]
+    python bench/filter.py [--rows 2000000] [--workers 2] [--repeat 3] [--npz] [--unique-captions]
+                           [--pool P] [--reference] [--helpers N]
 
 Generates (once, cached under --work-dir) a metadata-only synthetic pool of --rows rows with
 random CLIP scores (and, with --npz, random ``l14_img`` embeddings, centroids and targets for
@@ -15,6 +16,11 @@ kept rows, and, for the five reference strategies, DataComp's own ``baselines.py
 2M-row metadata-only pool with 2 workers as measured for this project (the issue's figures)
 with the speed-up over it. ``--reference`` also times this repository's row-by-row
 re-statement of DataComp's rules (tests/datacomp_reference.py, 2 processes) on the same pool.
+
+The synthetic pool's captions come from templates, so most repeat; the filter runs each model
+once per distinct caption, which pays off there. ``--unique-captions`` appends the row number
+to every caption: nothing repeats, the worst case. ``signals_by`` says which processes
+computed the signals (Ray's tasks, or the helpers that work while Ray starts).
 """
 
 from __future__ import annotations
