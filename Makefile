@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= demo_out
 # Debian packages: WordNet 3.0 for the text filter (NLTK cannot download it offline).
-APT_PACKAGES := wordnet-base wordnet-sense-index
+APT_PACKAGES := wordnet-base wordnet-sense-index chromium chromium-driver
 
 .PHONY: setup system-deps demo test
 setup: system-deps $(STAMP)
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m pools.synth --out $(DEMO_OUT)/pool --samples 10000 --seed 0
+	$(BIN)/python -m pipeline.demo --out $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest

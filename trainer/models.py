@@ -58,8 +58,18 @@ TINY_MODEL_CFG: dict[str, Any] = {
     },
 }
 
+# The synthetic pool's stand-ins for OpenAI's ViT-B/32 and ViT-L/14, which CommonPool's scores
+# and embeddings come from: the tiny towers with CommonPool's embedding widths (512 and 768), so
+# `pipeline.score` fills the b32/l14 columns in their real shapes. As with the real models, the
+# l14 teacher is the larger one: a deeper, wider image tower.
+TEACHER_MODEL_CFGS: dict[str, dict[str, Any]] = {
+    "teacher-b32": {**TINY_MODEL_CFG, "embed_dim": 512},
+    "teacher-l14": {**TINY_MODEL_CFG, "embed_dim": 768,
+                    "vision_cfg": {**TINY_MODEL_CFG["vision_cfg"], "layers": 4, "width": 192}},
+}
+
 # Our configs by name; open_clip's own names need no entry here.
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {TINY_MODEL_NAME: TINY_MODEL_CFG}
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {TINY_MODEL_NAME: TINY_MODEL_CFG, **TEACHER_MODEL_CFGS}
 
 MODEL_CONFIG_FILE = "model_config.json"
 MODEL_CONFIGS_DIR = "model_configs"
