@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from pipeline import demo
 from pipeline.demo import Stages
+from pipeline.strategies import STRATEGIES
+from pools.uids import read_subset
+from trainer.compare import load_comparison
 
 
 def test_a_stage_runs_once_per_settings_and_outputs_of_old_settings_are_removed(tmp_path):
@@ -39,3 +48,41 @@ def test_a_failed_stage_leaves_no_marker_and_runs_again(tmp_path):
         pass
     assert not (tmp_path / ".stages" / "s.json").exists()
     assert stages.run("s", {}, lambda: 7) == 7
+
+
+@pytest.mark.slow
+def test_a_small_demo_runs_end_to_end_and_a_rerun_reuses_it(tmp_path):
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--pool-samples", "1200", "--teacher-pool-samples", "1200",
+            "--teacher-samples-seen", "2560", "--samples-seen", "1024", "--eval-per-class", "2"]
+    summary = demo.main(argv)
+
+    stats = json.loads((out / "subsets" / "stats.json").read_text())
+    assert set(stats["strategies"]) == set(STRATEGIES)  # every strategy filtered
+    trained = [s for s in STRATEGIES if s not in summary["not_trained_empty_subset"]]
+    assert {"no_filter", "clip"} <= set(trained)
+    for name in summary["not_trained_empty_subset"]:
+        assert json.loads((out / "shards" / name / "meta.json").read_text())["output_count"] == 0
+
+    comparison = load_comparison(out / "comparison")
+    assert sorted(r.strategy for r in comparison.rows) == sorted(trained)  # a row per strategy
+    for row in comparison.rows:
+        subset = read_subset(out / "subsets" / f"{row.strategy}.npy")
+        assert row.subset_size == len(np.unique(subset)) == stats["strategies"][row.strategy]["kept"]
+        assert row.samples_seen == 1024  # the same budget for every strategy
+        assert row.main is not None and 0.0 <= row.main.mean <= 1.0
+    mains = [r.main.mean for r in comparison.rows]
+    assert mains == sorted(mains, reverse=True)
+    with open(out / "comparison" / "comparison.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(trained)
+    for run in summary["runs"]:
+        manifest = json.loads((Path(run) / "manifest.json").read_text())
+        assert manifest["samples_seen"] == manifest["counters"]["samples"] == 1024
+        assert (Path(run) / "eval_results.jsonl").is_file()
+    html = (out / "report.html").read_text()
+    assert all(name in html for name in trained)
+    assert summary["stage_seconds"]["filter"] > 0
+
+    again = demo.main(argv)  # everything is done: every stage is reused
+    assert all(seconds == 0.0 for seconds in again["stage_seconds"].values())
+    assert load_comparison(out / "comparison").rows == comparison.rows
