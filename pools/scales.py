@@ -34,7 +34,7 @@ class Scale:
 SCALES: dict[str, Scale] = {
     s.name: s
     for s in (
-        Scale(name="tiny", pool_samples=10_000, samples_seen=51_200, kmeans_sample_ratio=-1,
+        Scale(name="tiny", pool_samples=10_000, samples_seen=40_960, kmeans_sample_ratio=-1,
               num_centroids=64, on_cpu=True),
         Scale(name="small", pool_samples=12_800_000, samples_seen=12_800_000,
               kmeans_sample_ratio=-1, num_centroids=100_000),

@@ -5,7 +5,10 @@
 Images are drawn with Pillow from a fixed set of visual concepts (colour x shape, on textured
 backgrounds) that a tiny CLIP learns in minutes. Captions carry CommonPool's kinds of noise,
 each kind a known fraction (`CaptionMix`): matching English captions with and without an
-ImageNet-21k noun, English captions of the wrong concept, non-English captions, and junk.
+ImageNet-21k noun, English captions of the wrong concept, non-English captions, junk, and
+off-target samples: images of none of the concepts (landscapes, rooms, documents, textures,
+like the many CommonPool images unrelated to ImageNet) with English captions that describe
+them, which only the image-based filter's clusters can tell apart.
 Image sizes include small images and extreme aspect ratios, rendered small or stretched so
 that the size filters have something real to remove; a fraction of URLs "fail to download"
 and are missing from the shards, as with img2dataset.
@@ -68,7 +71,12 @@ IMAGENET_NOUNS = ("shirt", "balloon", "wall", "flag", "tile", "laptop", "paper",
 CONCEPTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
 
 
+NO_CONCEPT = -1  # the concept of an off-target image
+
+
 def concept_name(concept: int) -> str:
+    if concept == NO_CONCEPT:
+        return "none"
     colour, shape = CONCEPTS[concept]
     return f"{colour} {shape}"
 
@@ -127,6 +135,18 @@ FOREIGN_GENERIC = {
     "zh": ("全场包邮，欢迎选购我们的新款产品", "这是我们店里最受欢迎的设计之一"),
     "pl": ("Darmowa dostawa przy zamówieniu powyżej 100 złotych", "Nowa kolekcja już dostępna w naszym sklepie"),
 }
+# Off-target images: scenes that are none of the concepts, each with captions describing it.
+# No caption names a concept's colour or shape.
+OFF_TARGET_SCENES: dict[str, tuple[str, ...]] = {
+    "landscape": ("sunset over the hills, landscape photography", "a quiet beach at dusk",
+                  "mountain view from the trail, summer holiday", "wide field under an evening sky"),
+    "room": ("a cozy living room interior with a sofa", "modern kitchen design ideas",
+             "bookshelves in a small study room", "hotel room with a view"),
+    "document": ("scanned page of an old contract", "screenshot of a spreadsheet with sales figures",
+                 "printable worksheet for kids, page 2", "lecture notes, chapter one"),
+    "texture": ("close-up of weathered concrete texture", "seamless noise texture for backgrounds",
+                "grainy film texture overlay", "macro photo of sand grains"),
+}
 JUNK_CAPTIONS = (
     "IMG_{n}.jpg", "DSC{n}.JPG", "", "image", "untitled", "⭐🔥✨", "😍😍😍",
     "https://shop.example.com/item/{n}", "Buy now\n\nFree shipping!", "{n}x{m}",
@@ -139,11 +159,12 @@ JUNK_CAPTIONS = (
 class CaptionMix:
     """Fraction of each caption kind; the fractions must sum to 1."""
 
-    match_entity: float = 0.24  # matching English, names an ImageNet-21k noun
-    match_plain: float = 0.20  # matching English, no ImageNet-21k noun
-    mismatch: float = 0.22  # English, describes a different concept
-    non_english: float = 0.14  # other languages (some describe the concept, some do not)
-    junk: float = 0.20  # file names, empty, one word, emoji, URLs, newlines
+    match_entity: float = 0.21  # matching English, names an ImageNet-21k noun
+    match_plain: float = 0.18  # matching English, no ImageNet-21k noun
+    mismatch: float = 0.19  # English, describes a different concept
+    non_english: float = 0.12  # other languages (some describe the concept, some do not)
+    junk: float = 0.18  # file names, empty, one word, emoji, URLs, newlines
+    off_target: float = 0.12  # the image shows no concept; an English caption describes it
     null_fraction_of_junk: float = 0.05  # junk rows whose text is null (None) in the parquet
 
     def __post_init__(self) -> None:
@@ -153,7 +174,8 @@ class CaptionMix:
 
     def fractions(self) -> dict[str, float]:
         return {"match_entity": self.match_entity, "match_plain": self.match_plain,
-                "mismatch": self.mismatch, "non_english": self.non_english, "junk": self.junk}
+                "mismatch": self.mismatch, "non_english": self.non_english, "junk": self.junk,
+                "off_target": self.off_target}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +268,45 @@ def render_concept(concept: int, rng: np.random.Generator, *, width: int = 64,
     return img
 
 
+def render_off_target(scene: str, rng: np.random.Generator, *, width: int = 64,
+                      height: int = 64) -> Image.Image:
+    """Draw an image of none of the concepts: a landscape, a room, a document page or a texture."""
+    if scene == "texture":
+        grey = rng.integers(60, 200)
+        noise = rng.normal(grey, rng.uniform(15, 50), size=(height, width, 1)) + rng.integers(-25, 26, size=3)
+        return Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8), "RGB")
+    img = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(img)
+    if scene == "landscape":
+        sky, ground = rng.integers(60, 255, size=3), rng.integers(20, 160, size=3)
+        horizon = int(height * rng.uniform(0.45, 0.7))
+        for y in range(height):
+            base = sky if y < horizon else ground
+            shade = 1.0 - 0.5 * (y / height if y < horizon else (y - horizon) / max(1, height - horizon))
+            draw.line([(0, y), (width, y)], fill=tuple(int(v * shade) for v in base))
+        r = min(width, height) * rng.uniform(0.06, 0.12)
+        cx, cy = width * rng.uniform(0.15, 0.85), horizon * rng.uniform(0.2, 0.7)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(250, 240, 200))
+    elif scene == "room":
+        draw.rectangle([0, 0, width, height], fill=tuple(int(v) for v in rng.integers(120, 230, size=3)))
+        floor = int(height * rng.uniform(0.6, 0.8))
+        draw.rectangle([0, floor, width, height], fill=tuple(int(v) for v in rng.integers(60, 140, size=3)))
+        for _ in range(int(rng.integers(2, 5))):
+            x0, y0 = rng.uniform(0, 0.8) * width, rng.uniform(0.2, 0.7) * height
+            w, h = rng.uniform(0.1, 0.4) * width, rng.uniform(0.1, 0.35) * height
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=tuple(int(v) for v in rng.integers(30, 200, size=3)))
+    elif scene == "document":
+        paper = int(rng.integers(225, 256))
+        draw.rectangle([0, 0, width, height], fill=(paper, paper, paper - int(rng.integers(0, 20))))
+        step = max(3, height // int(rng.integers(8, 14)))
+        for y in range(step, height - step, step):
+            length = width * rng.uniform(0.5, 0.9)
+            draw.line([(width * 0.08, y), (width * 0.08 + length, y)], fill=(40, 40, 40), width=1)
+    else:
+        raise ValueError(f"unknown off-target scene {scene!r}")
+    return img
+
+
 def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
@@ -276,6 +337,9 @@ def _caption(kind: str, concept: int, rng: np.random.Generator, mix: CaptionMix
             return template.format(c=colours[colour], s=shapes[shape]), concept, lang
         sentences = FOREIGN_GENERIC[lang]
         return sentences[rng.integers(len(sentences))], None, lang
+    if kind == "off_target":
+        captions = OFF_TARGET_SCENES[_off_target_scene(concept)]
+        return captions[rng.integers(len(captions))], None, "en"
     if kind == "junk":
         if rng.random() < mix.null_fraction_of_junk:
             return None, None, "none"
@@ -285,6 +349,11 @@ def _caption(kind: str, concept: int, rng: np.random.Generator, mix: CaptionMix
                                c=colour, s=shape)
         return text, None, "none"
     raise AssertionError(kind)
+
+
+def _off_target_scene(concept: int) -> str:
+    """An off-target row's scene, from its concept draw (which its image does not show)."""
+    return tuple(OFF_TARGET_SCENES)[concept % len(OFF_TARGET_SCENES)]
 
 
 def _original_sizes(rng: np.random.Generator, n: int, mix: SizeMix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -361,6 +430,8 @@ def _plan_rows(cfg: SynthConfig) -> _Rows:
 def _row_image(cfg: SynthConfig, rows: _Rows, i: int) -> bytes:
     rng = np.random.default_rng([cfg.seed, 3, i])
     w, h = _stored_size(int(rows.width[i]), int(rows.height[i]), cfg.image_px)
+    if rows.caption_kind[i] == "off_target":
+        return encode_jpeg(render_off_target(_off_target_scene(int(rows.concept[i])), rng, width=w, height=h))
     return encode_jpeg(render_concept(int(rows.concept[i]), rng, width=w, height=h))
 
 
@@ -552,10 +623,11 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
             np.savez_compressed(tmp / "metadata" / f"{stem}.npz",
                                 **{k: embeddings[k][lo:hi] for k in NPZ_KEYS})
 
+    shown = np.where(rows.caption_kind == "off_target", NO_CONCEPT, rows.concept)  # what the image shows
     truth = pa.table({
         "uid": rows.uid, "metadata_file": file_of.tolist(),
-        "caption_kind": rows.caption_kind.tolist(), "concept": rows.concept.astype(np.int64),
-        "concept_name": [concept_name(int(c)) for c in rows.concept],
+        "caption_kind": rows.caption_kind.tolist(), "concept": shown.astype(np.int64),
+        "concept_name": [concept_name(int(c)) for c in shown],
         "caption_concept": pa.array(rows.caption_concept, pa.int64()), "language": rows.language,
         "size_kind": rows.size_kind.tolist(), "downloaded": rows.downloaded,
         "shard": pa.array(shard_of, pa.int64()), "key": key_of,

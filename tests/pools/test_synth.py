@@ -83,6 +83,11 @@ def test_composition_follows_the_configured_fractions(tmp_path):
     junk = df[df.kind == "junk"].text
     assert junk.isna().any() and (junk == "").any() and junk.str.contains("\n").any()
     assert junk.str.contains("\u00a0").any()
+    off = df.kind == "off_target"  # images of no concept, captions that name none
+    assert (truth.concept[off] == -1).all() and (truth.concept[~off] >= 0).all()
+    assert set(truth.language[off]) == {"en"}
+    words = {w for c, s in CONCEPTS for w in (c, s)}
+    assert not any(w in t.split() for t in df.text[off] for w in words)
     langs = set(truth.language[df.kind == "non_english"])
     assert {"de", "fr", "es", "ru", "ja", "zh"} <= langs
     assert summary["scores"].startswith("CLIP score columns are empty")
