@@ -17,7 +17,8 @@ Written (see `pools.format` for the format)::
 
     <out>/metadata/<hex>.parquet      CommonPool columns; CLIP scores empty (null) until
                                       `pipeline.score` fills them, unless --random-scores
-    <out>/metadata/<hex>.npz          only with --random-scores
+    <out>/metadata/<hex>.npz          only with --random-scores (drawn file by file, so memory
+                                      follows --rows-per-file, not --samples)
     <out>/shards/{:08d}.tar|.parquet|_stats.json   webdataset shards as img2dataset writes them
     <out>/eval/                       held-out eval set of the same concepts (DataComp's wds
                                       layout: test/0.tar, classnames.txt, templates)
@@ -49,8 +50,8 @@ from tqdm import tqdm
 
 from pools.files import atomic_path, write_json_atomic
 from pools.scales import get_scale
-from pools.format import (METADATA_SCHEMA, NPZ_KEYS, SHARD_FORMAT, SHARD_PARQUET_FORMAT,
-                          SHARD_STATS_FORMAT)
+from pools.format import (METADATA_SCHEMA, NPZ_KEYS, SCORE_COLUMNS, SHARD_FORMAT,
+                          SHARD_PARQUET_FORMAT, SHARD_STATS_FORMAT)
 
 # --- the visual concepts ----------------------------------------------------------------------
 # Colour and shape names were picked so that none of them has a first WordNet synset in the
@@ -435,25 +436,63 @@ def _row_image(cfg: SynthConfig, rows: _Rows, i: int) -> bytes:
     return encode_jpeg(render_concept(int(rows.concept[i]), rng, width=w, height=h))
 
 
-def _random_embeddings(cfg: SynthConfig, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Random L2-normalised embeddings whose dot products spread like CLIP scores.
+EMBEDDING_WIDTHS = (("b32", 512), ("l14", 768))  # the archs of the npz, in drawing order
+
+
+class RandomEmbeddings:
+    """Random L2-normalised embeddings whose dot products spread like CLIP scores, file by file.
 
     Not a model's output: a stand-in for tests and benchmarks that need the columns filled.
+    The values are those of one seeded stream drawn for the whole pool at once (per arch:
+    image normals (n, dim), noise normals (n, dim), target scores (n, 1)), but only the rows
+    asked for are ever held, so memory follows the file size, not the pool size. Normals use a
+    variable number of random words, so the start of each draw in the stream is found by one
+    pass through it (`_draw_starts`); each draw then gets its own generator that `take` advances.
     """
-    rng = np.random.default_rng([cfg.seed, 4])
-    embeddings, scores = {}, {}
-    for arch, dim in (("b32", 512), ("l14", 768)):
-        img = rng.standard_normal((n, dim)).astype(np.float32)
-        img /= np.linalg.norm(img, axis=1, keepdims=True)
-        noise = rng.standard_normal((n, dim)).astype(np.float32)
-        noise -= (noise * img).sum(1, keepdims=True) * img
-        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-        target = rng.uniform(-0.05, 0.45, size=(n, 1)).astype(np.float32)
-        txt = target * img + np.sqrt(1 - target ** 2) * noise
-        img16, txt16 = img.astype(np.float16), txt.astype(np.float16)
-        embeddings[f"{arch}_img"], embeddings[f"{arch}_txt"] = img16, txt16
-        scores[arch] = (img16.astype(np.float32) * txt16.astype(np.float32)).sum(1)
-    return embeddings, scores
+
+    def __init__(self, seed: int, n: int, *, chunk_rows: int = 4096):
+        self.n = n
+        self._taken = 0
+        self._draws = {}
+        for name, state in _draw_starts(seed, n, chunk_rows).items():
+            gen = np.random.Generator(np.random.PCG64())
+            gen.bit_generator.state = state
+            self._draws[name] = gen
+
+    def take(self, rows: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The next `rows` rows: ({npz key: float16 (rows, dim)}, {arch: float32 score (rows,)})."""
+        if self._taken + rows > self.n:
+            raise ValueError(f"asked for rows up to {self._taken + rows} of a pool of {self.n}")
+        self._taken += rows
+        embeddings, scores = {}, {}
+        for arch, dim in EMBEDDING_WIDTHS:
+            img = self._draws[f"{arch}_img"].standard_normal((rows, dim)).astype(np.float32)
+            img /= np.linalg.norm(img, axis=1, keepdims=True)
+            noise = self._draws[f"{arch}_noise"].standard_normal((rows, dim)).astype(np.float32)
+            noise -= (noise * img).sum(1, keepdims=True) * img
+            noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+            target = self._draws[f"{arch}_target"].uniform(-0.05, 0.45, size=(rows, 1)).astype(np.float32)
+            txt = target * img + np.sqrt(1 - target ** 2) * noise
+            img16, txt16 = img.astype(np.float16), txt.astype(np.float16)
+            embeddings[f"{arch}_img"], embeddings[f"{arch}_txt"] = img16, txt16
+            scores[arch] = (img16.astype(np.float32) * txt16.astype(np.float32)).sum(1)
+        return embeddings, scores
+
+
+def _draw_starts(seed: int, n: int, chunk_rows: int) -> dict[str, dict]:
+    """The generator state at the start of each draw of the pool-wide stream, in order."""
+    rng = np.random.default_rng([seed, 4])
+    starts = {}
+    for arch, dim in EMBEDDING_WIDTHS:
+        for draw in ("img", "noise", "target"):
+            starts[f"{arch}_{draw}"] = rng.bit_generator.state
+            for lo in range(0, n, chunk_rows):  # skip the draw without holding it
+                rows = min(chunk_rows, n - lo)
+                if draw == "target":
+                    rng.uniform(-0.05, 0.45, size=(rows, 1))
+                else:
+                    rng.standard_normal((rows, dim))
+    return starts
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -593,12 +632,6 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         sha_of = [hashlib.sha256(bytes.fromhex(u)).hexdigest() for u in rows.uid]  # no image exists
         eval_count = 0
 
-    if cfg.random_scores:
-        embeddings, scores = _random_embeddings(cfg, n)
-        b32 = pa.array(scores["b32"], type=pa.float32())
-        l14 = pa.array(scores["l14"], type=pa.float32())
-    else:
-        b32 = l14 = pa.nulls(n, type=pa.float32())
     note = ("CLIP score columns hold random placeholder values (--random-scores), not model output"
             if cfg.random_scores else
             "CLIP score columns are empty (null) until `python -m pipeline.score` fills them")
@@ -606,7 +639,9 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         "uid": pa.array(rows.uid, pa.string()), "url": pa.array(rows.url, pa.string()),
         "text": pa.array(rows.text, pa.string()),
         "original_width": pa.array(rows.width, pa.int64()), "original_height": pa.array(rows.height, pa.int64()),
-        "clip_b32_similarity_score": b32, "clip_l14_similarity_score": l14,
+        # Null until the files are written: with --random-scores each file fills its own.
+        "clip_b32_similarity_score": pa.nulls(n, pa.float32()),
+        "clip_l14_similarity_score": pa.nulls(n, pa.float32()),
         "face_bboxes": pa.array(rows.face_bboxes, METADATA_SCHEMA.field("face_bboxes").type),
         "sha256": pa.array(sha_of, pa.string()),
     }, schema=METADATA_SCHEMA.with_metadata({"datacomp_synthetic": json.dumps({"seed": cfg.seed, "note": note})}))
@@ -615,13 +650,18 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
     stems = _file_stems(cfg, num_files)
     (tmp / "metadata").mkdir()
     file_of = np.empty(n, dtype=object)
+    random_embeddings = RandomEmbeddings(cfg.seed, n) if cfg.random_scores else None
     for f, stem in enumerate(stems):
         lo, hi = f * cfg.rows_per_file, min(n, (f + 1) * cfg.rows_per_file)
-        pq.write_table(table.slice(lo, hi - lo), tmp / "metadata" / f"{stem}.parquet")
+        part = table.slice(lo, hi - lo)
+        if random_embeddings is not None:
+            embeddings, scores = random_embeddings.take(hi - lo)
+            for arch, column in SCORE_COLUMNS.items():
+                part = part.set_column(part.schema.get_field_index(column), part.schema.field(column),
+                                       pa.array(scores[arch], pa.float32()))
+            np.savez_compressed(tmp / "metadata" / f"{stem}.npz", **{k: embeddings[k] for k in NPZ_KEYS})
+        pq.write_table(part, tmp / "metadata" / f"{stem}.parquet")
         file_of[lo:hi] = stem
-        if cfg.random_scores:
-            np.savez_compressed(tmp / "metadata" / f"{stem}.npz",
-                                **{k: embeddings[k][lo:hi] for k in NPZ_KEYS})
 
     shown = np.where(rows.caption_kind == "off_target", NO_CONCEPT, rows.concept)  # what the image shows
     truth = pa.table({

@@ -143,3 +143,18 @@ def test_cli_reuses_a_finished_pool_and_refuses_other_settings(tmp_path, capsys)
         main(["--out", str(out), "--samples", "90", "--metadata-only"])
     main(["--out", str(out), "--samples", "90", "--metadata-only", "--overwrite"])
     assert json.loads((out / "pool.json").read_text())["rows"] == 90
+
+
+def test_random_embeddings_per_file_equal_one_pool_wide_draw():
+    # generate() draws each file's rows on their own (memory follows the file, not the pool):
+    # the values must be those of one draw over the whole pool, whatever the file size.
+    from pools.synth import RandomEmbeddings
+    whole_emb, whole_scores = RandomEmbeddings(3, 1000).take(1000)
+    parts = RandomEmbeddings(3, 1000, chunk_rows=64)
+    pieces = [parts.take(rows) for rows in (1, 333, 400, 266)]
+    for key, value in whole_emb.items():
+        np.testing.assert_array_equal(np.concatenate([emb[key] for emb, _ in pieces]), value)
+    for arch, value in whole_scores.items():
+        np.testing.assert_array_equal(np.concatenate([scores[arch] for _, scores in pieces]), value)
+    with pytest.raises(ValueError, match="rows up to 1001 of a pool of 1000"):
+        parts.take(1)
