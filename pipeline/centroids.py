@@ -31,11 +31,11 @@ import numpy as np
 from filters.language import language_mask
 from filters.text import CaptionPrefilter, TextStatus, caption_prefilter_mask
 from pools.files import atomic_path, write_json_atomic
-from pools.format import Pool, load_npz
+from pools.format import load_npz
 from pools.scales import SCALES, get_scale
 
 from pipeline.filter import (FilterError, default_centroids, default_data_root, default_pool,
-                             default_signals_dir, pool_files)
+                             default_signals_dir, missing_embeddings, pool_files)
 
 
 def train_kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, use_gpu: bool | None = None,
@@ -161,10 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.filter import FilterConfig
 
     files = pool_files(FilterConfig(pool=pool, scale=args.scale, strategies=("image",), out=out.parent))
-    missing = [Pool.npz_for(p) for p in files if not Pool.npz_for(p).is_file()]
-    if missing:
-        raise FilterError(f"{missing[0]} is missing: k-means clusters the l14_img embeddings of the npz "
-                          "beside each metadata parquet")
+    why = missing_embeddings(files, "l14_img", pool, "k-means")
+    if why is not None:
+        raise FilterError(why)
     if not args.no_caption_filter:
         from pipeline.execution import Executor
         from pipeline.signals import SignalsSpec, expand_groups, group_keys, run_signals_pass

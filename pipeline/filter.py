@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 from filters.arrays import from_numpy, to_numpy
 from filters.clip_score import ClipScore, DescendingRankSelector
 from pools.files import sha256_file, write_json_atomic
-from pools.format import SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
+from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
+                          score_fix)
 from pools.scales import SCALES, get_scale
 from pools.uids import UID_DTYPE, uids_to_records, write_subset
 
@@ -148,12 +149,35 @@ class ImageInputs:
     targets: list[dict]
 
 
-def check_image_inputs(cfg: FilterConfig, files: Sequence[Path]) -> tuple[str | None, Path | None]:
-    """(None, centroids path) if the image strategies can run, else (why not, None)."""
+def missing_embeddings(files: Sequence[Path], key: str, pool: Path, purpose: str) -> str | None:
+    """Why the npz files beside `files` cannot give `key` for every row (naming the first file
+    and the key), or None. Reads the zip directories only."""
     missing_npz = [Pool.npz_for(p) for p in files if not Pool.npz_for(p).is_file()]
     if missing_npz:
         return (f"{missing_npz[0]} is missing ({len(missing_npz)} of {len(files)} metadata files have "
-                "no npz): the image-based filters need the l14_img embeddings beside each parquet"), None
+                f"no npz): {purpose} need the {key} embeddings beside each parquet")
+    lacking = []
+    for p in files:
+        try:
+            keys = npz_keys(Pool.npz_for(p))
+        except PoolFormatError:
+            continue  # unreadable: reported (or skipped with --on-bad-file skip) when it is read
+        if key not in keys:
+            lacking.append((Pool.npz_for(p), keys))
+    if lacking:
+        npz, keys = lacking[0]
+        arch = key.split("_", 1)[0]
+        return (f"{npz} has no {key!r} key (keys present: {', '.join(keys) or 'none'}; {len(lacking)} of "
+                f"{len(files)} npz files lack it): {purpose} need the {key} embeddings; add them with "
+                f"`{score_fix(pool, arch)}`")
+    return None
+
+
+def check_image_inputs(cfg: FilterConfig, files: Sequence[Path]) -> tuple[str | None, Path | None]:
+    """(None, centroids path) if the image strategies can run, else (why not, None)."""
+    why = missing_embeddings(files, "l14_img", cfg.pool, "the image-based filters")
+    if why is not None:
+        return why, None
     centroids = cfg.centroids or default_centroids(cfg.pool, cfg.scale)
     if not Path(centroids).is_file():
         return (f"no centroids at {centroids}: make them with `python -m pipeline.centroids --pool "
@@ -162,6 +186,45 @@ def check_image_inputs(cfg: FilterConfig, files: Sequence[Path]) -> tuple[str | 
         return ("no targets: pass --targets with DataComp's in1k_clip_vit_l14_*.pt files, a .npy of "
                 "target image embeddings, or an image folder with --targets-model"), None
     return None, Path(centroids)
+
+
+def score_columns_needed(cfg: FilterConfig, name: str) -> list[str]:
+    """The CLIP score columns strategy `name` reads."""
+    s = STRATEGIES[name]
+    cols = [c for c in s.metadata_columns if c in SCORE_COLUMNS.values()]
+    if s.uses_clip_score and cfg.clip.column not in cols:
+        cols.append(cfg.clip.column)
+    return cols
+
+
+def check_score_columns(cfg: FilterConfig, files: Sequence[Path], names: Sequence[str]) -> dict[str, str]:
+    """Strategy -> why it cannot run, for strategies whose score column was never filled (null
+    in every row) in some metadata file; read from the parquet footers only."""
+    empty_in: dict[str, list[Path]] = {}
+    for col in sorted({c for n in names for c in score_columns_needed(cfg, n)}):
+        empty = []
+        for p in files:
+            try:
+                if empty_columns(p, [col]):
+                    empty.append(p)
+            except Exception:
+                continue  # unreadable: reported (or skipped with --on-bad-file skip) when it is read
+        empty_in[col] = empty
+    reasons = {}
+    for n in names:
+        for col in score_columns_needed(cfg, n):
+            if not empty_in[col]:
+                continue
+            arch = next(a for a, c in SCORE_COLUMNS.items() if c == col)
+            other = [a for a in SCORE_COLUMNS if a != arch]
+            why = (f"{col} is empty (null) in every row of {empty_in[col][0]} ({len(empty_in[col])} of "
+                   f"{len(files)} metadata files): the pool has no {arch} scores there, so strategy {n} "
+                   f"would drop every row. Score the pool first: `{score_fix(cfg.pool, arch)}`")
+            if STRATEGIES[n].uses_clip_score and col == cfg.clip.column and other:
+                why += f", or use --arch {other[0]}"
+            reasons[n] = why
+            break
+    return reasons
 
 
 def load_image_inputs(cfg: FilterConfig, centroids_path: Path, device: str | None) -> ImageInputs:
@@ -354,6 +417,13 @@ def _run(cfg: FilterConfig) -> dict:
     skipped_strategies: dict[str, str] = {}
     needs_device = any(STRATEGIES[n].needs_centroids for n in names)
     device = _resolve_device(cfg.device) if needs_device else None
+
+    for n, why in check_score_columns(cfg, files, names).items():
+        if not cfg.all_requested:
+            raise FilterError(f"strategy {n}: {why}")
+        skipped_strategies[n] = why
+        _log(cfg, f"skipping {n}: {why}")
+    names = [n for n in names if n not in skipped_strategies]
 
     image_inputs = None
     if any(STRATEGIES[n].needs_centroids for n in names):

@@ -3,7 +3,9 @@
 A pool folder looks like DataComp's (reference sections 1 and 2)::
 
     <pool>/metadata/<stem>.parquet   uid, url, text, sizes, CLIP scores, face boxes, sha256
-    <pool>/metadata/<stem>.npz       row-aligned CLIP embeddings (optional)
+    <pool>/metadata/<stem>.npz       row-aligned CLIP embeddings (optional): the img+txt pair
+                                     of b32, of l14, or of both (`pipeline.score` adds one
+                                     arch at a time)
     <pool>/shards/{:08d}.tar         webdataset shards: <key>.jpg, <key>.txt, <key>.json
     <pool>/shards/{:08d}.parquet     img2dataset's per-shard status table
     <pool>/shards/{:08d}_stats.json  img2dataset's per-shard counts ("successes", ...)
@@ -33,6 +35,7 @@ SAMPLES_PER_SHARD = 10_000  # img2dataset's number_sample_per_shard in DataComp
 # Embedding keys of the npz beside each parquet: name -> width. float16, L2-normalised.
 NPZ_KEYS: dict[str, int] = {"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768}
 NPZ_DTYPE = np.float16
+ARCHS = ("b32", "l14")  # an npz holds the img and txt keys of at least one of these
 
 SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 
@@ -197,6 +200,25 @@ def read_metadata(path: Path | str, columns: tuple[str, ...] | list[str] | None 
     return table
 
 
+def score_fix(pool: Path | str, arch: str) -> str:
+    """The command that fills a pool's `arch` scores and embeddings, for error messages."""
+    return f"python -m pipeline.score --pool {pool} --model MODEL --as {arch}"
+
+
+def _arch_of(key: str) -> str | None:
+    arch = key.split("_", 1)[0]
+    return arch if arch in ARCHS else None
+
+
+def _missing_key_message(npz_path: Path, key: str, present: list[str]) -> str:
+    msg = f"{npz_path}: key {key!r} is missing (keys present: {', '.join(present) or 'none'})"
+    arch = _arch_of(key)
+    if arch is not None:
+        msg += (f"; the pool has no {arch} embeddings: add them with "
+                f"`{score_fix(npz_path.parent.parent, arch)}`")
+    return msg
+
+
 def load_npz(parquet: Path | str, keys: tuple[str, ...], expected_rows: int) -> dict[str, np.ndarray]:
     """Load embedding `keys` from the npz beside `parquet`, checking rows and widths."""
     npz_path = Pool.npz_for(Path(parquet))
@@ -211,35 +233,135 @@ def load_npz(parquet: Path | str, keys: tuple[str, ...], expected_rows: int) -> 
     with npz:
         for key in keys:
             if key not in npz.files:
-                raise PoolFormatError(f"{npz_path}: key {key!r} is missing (keys present: "
-                                      f"{', '.join(npz.files)})")
+                raise PoolFormatError(_missing_key_message(npz_path, key, npz.files))
             arr = npz[key]
-            width = NPZ_KEYS.get(key)
-            if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
-                raise PoolFormatError(f"{npz_path}: key {key!r} has shape {arr.shape}; expected "
-                                      f"(rows, {width})")
-            if arr.shape[0] != expected_rows:
-                raise PoolFormatError(f"{npz_path} has {arr.shape[0]} rows for {key!r} but "
-                                      f"{Path(parquet).name} has {expected_rows}")
+            _check_npz_array(npz_path, Path(parquet), key, arr.shape, None, expected_rows)
             out[key] = arr
     return out
 
 
+def _check_npz_array(npz_path: Path, parquet: Path, key: str, shape: tuple[int, ...],
+                     dtype: np.dtype | None, expected_rows: int) -> None:
+    width = NPZ_KEYS.get(key)
+    if len(shape) != 2 or (width is not None and shape[1] != width):
+        raise PoolFormatError(f"{npz_path}: key {key!r} has shape {shape}; expected (rows, {width})")
+    if shape[0] != expected_rows:
+        raise PoolFormatError(f"{npz_path} has {shape[0]} rows for {key!r} but {parquet.name} has "
+                              f"{expected_rows}")
+    if dtype is not None and dtype != NPZ_DTYPE:
+        raise PoolFormatError(f"{npz_path}: key {key!r} is {dtype}; CommonPool's embeddings are "
+                              f"{np.dtype(NPZ_DTYPE)}")
+
+
+def npz_headers(npz_path: Path | str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each array of an npz, from the array headers alone: nothing else is
+    read or decompressed, so checking a 3 GB npz costs a few kilobytes."""
+    import zipfile
+
+    npz_path = Path(npz_path)
+    out = {}
+    try:
+        with zipfile.ZipFile(npz_path) as archive:
+            for name in archive.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with archive.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                out[name[:-len(".npy")]] = (tuple(shape), np.dtype(dtype))
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise PoolFormatError(f"{npz_path}: not a readable npz file ({exc})") from exc
+    return out
+
+
+def npz_keys(npz_path: Path | str) -> list[str]:
+    """The keys of an npz, from its zip directory only."""
+    return list(npz_headers(npz_path))
+
+
+def validate_npz(parquet: Path | str, expected_rows: int) -> tuple[str, ...]:
+    """Check the npz beside `parquet`; returns the archs whose embeddings it holds.
+
+    Each arch is all or nothing: both ``<arch>_img`` and ``<arch>_txt``, float16, of the
+    arch's width, one row per parquet row; at least one arch must be there. Other keys (such
+    as DataComp's ``dedup``) are allowed. Only the array headers are read.
+    """
+    parquet = Path(parquet)
+    npz_path = Pool.npz_for(parquet)
+    headers = npz_headers(npz_path)
+    archs = []
+    for arch in ARCHS:
+        pair = (f"{arch}_img", f"{arch}_txt")
+        present = [k for k in pair if k in headers]
+        if len(present) == 1:
+            missing = next(k for k in pair if k not in headers)
+            raise PoolFormatError(f"{npz_path}: has {present[0]!r} but not {missing!r}; an arch's image "
+                                  f"and text embeddings come together (`{score_fix(parquet.parent.parent, arch)}` "
+                                  "writes both)")
+        for key in present:
+            shape, dtype = headers[key]
+            _check_npz_array(npz_path, parquet, key, shape, dtype, expected_rows)
+        if present:
+            archs.append(arch)
+    if not archs:
+        raise PoolFormatError(f"{npz_path}: holds no CLIP embeddings (keys present: "
+                              f"{', '.join(headers) or 'none'}); it needs b32_img + b32_txt, "
+                              "l14_img + l14_txt, or both")
+    return tuple(archs)
+
+
+def empty_columns(parquet: Path | str, columns: tuple[str, ...] | list[str]) -> list[str]:
+    """Those of `columns` that the parquet holds but that are null in every row (a score
+    column never filled), from the footer's statistics alone. A column the file lacks, or
+    whose statistics were not written, is not reported."""
+    md = pq.ParquetFile(parquet).metadata
+    schema = md.schema.to_arrow_schema()
+    out = []
+    for name in columns:
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            continue
+        if pa.types.is_null(schema.field(idx).type):
+            out.append(name)
+            continue
+        leaf = [i for i in range(md.num_columns) if md.schema.column(i).path == name]
+        if len(leaf) != 1:
+            continue
+        nulls = 0
+        for g in range(md.num_row_groups):
+            stats = md.row_group(g).column(leaf[0]).statistics
+            if stats is None or not stats.has_null_count:
+                nulls = -1
+                break
+            nulls += stats.null_count
+        if nulls == md.num_rows:
+            out.append(name)
+    return out
+
+
 def validate_pool(root: str | os.PathLike, *, check_shards: bool = True) -> dict:
-    """Validate a whole pool; returns counts. Raises PoolFormatError on the first problem."""
+    """Validate a whole pool; returns counts. Raises PoolFormatError on the first problem.
+
+    An npz needs the embeddings of one arch at least (see `validate_npz`): a pool scored with
+    b32 only is valid, and a step that needs l14 says so when it starts.
+    """
     pool = Pool(root)
     rows = 0
     files = pool.metadata_files()
     npz_files = 0
+    npz_archs = {arch: 0 for arch in ARCHS}  # npz files holding each arch's embeddings
     for path in files:
         table = read_metadata(path)
         validate_metadata_table(table, path)
         rows += table.num_rows
         if pool.npz_for(path).is_file():
-            load_npz(path, tuple(NPZ_KEYS), table.num_rows)
+            for arch in validate_npz(path, table.num_rows):
+                npz_archs[arch] += 1
             npz_files += 1
     summary = {"metadata_files": len(files), "rows": rows, "npz_files": npz_files,
-               "shards": 0, "shard_samples": 0}
+               "npz_archs": npz_archs, "shards": 0, "shard_samples": 0}
     if check_shards:
         for shard in pool.shard_files():
             stats = pool.shard_stats(shard)

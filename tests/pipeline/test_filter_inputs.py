@@ -186,3 +186,65 @@ def test_unreachable_ray_address_is_a_clear_error(pool, tmp_path):
 
     with pytest.raises(SignalsError, match=r"cannot start or reach the Ray cluster at 127\.0\.0\.1:1"):
         _run(pool, tmp_path / "out", "basic", extra=("--executor", "ray", "--ray-address", "127.0.0.1:1"))
+
+
+def _scored_with_only(pool, arch):
+    """The pool as `pipeline.score` leaves an unscored pool scored with one arch: that arch's score
+    column and npz pair; the other arch's column null and its keys absent."""
+    from pools.format import SCORE_COLUMNS
+
+    other = next(a for a in SCORE_COLUMNS if a != arch)
+    for parquet in _files(pool):
+        table = pq.read_table(parquet)
+        col = SCORE_COLUMNS[other]
+        pq.write_table(table.set_column(table.schema.get_field_index(col), table.schema.field(col),
+                                        pa.nulls(table.num_rows, pa.float32())), parquet)
+        npz = parquet.with_suffix(".npz")
+        with np.load(npz) as z:
+            arrays = {k: z[k] for k in z.files if k.startswith(arch)}
+        np.savez_compressed(npz, **arrays)
+
+
+def test_pool_scored_with_b32_only_is_valid_and_l14_strategies_name_what_is_missing(pool, tmp_path):
+    from pipeline.centroids import main as centroids_main
+    from pools.format import validate_pool
+
+    _scored_with_only(pool, "b32")
+    assert validate_pool(pool)["npz_archs"] == {"b32": 3, "l14": 0}
+    first = _files(pool)[0]
+    c, t = tmp_path / "c.npy", tmp_path / "t.npy"  # never reached: the npz check comes first
+    np.save(c, np.ones((4, 768), np.float32))
+    np.save(t, np.ones((2, 768), np.float32))
+    image = ("--centroids", str(c), "--targets", str(t))
+    for strategy in ("image", "image_clip"):
+        with pytest.raises(FilterError, match=rf"{first.with_suffix('.npz').name} has no 'l14_img' key \(keys "
+                           r"present: b32_img, b32_txt; 3 of 3 npz files lack it\).*pipeline\.score --pool .* --as l14"):
+            _run(pool, tmp_path / "out", strategy, extra=(*image, "--arch", "b32"))
+    with pytest.raises(FilterError, match=rf"strategy clip: clip_l14_similarity_score is empty \(null\) in every row "
+                       rf"of .*{first.name} \(3 of 3 metadata files\).*--as l14`, or use --arch b32"):
+        _run(pool, tmp_path / "out", "clip")
+    with pytest.raises(FilterError, match=rf"{first.with_suffix('.npz').name} has no 'l14_img' key"):
+        centroids_main(["--pool", str(pool), "--k", "4", "--executor", "local", "--out", str(tmp_path / "k.npy")])
+    # what needs only b32 runs, and equals DataComp's rules on the b32 column
+    stats = _run(pool, tmp_path / "b32", "clip", "laion", extra=("--arch", "b32", "--threshold", "0.2"))
+    assert (np.load(tmp_path / "b32" / "clip.npy") == ref.clip_score(pool, "b32", threshold=0.2)).all()
+    assert stats["strategies"]["laion"]["kept"] > 0
+    # with "all", what cannot run is skipped with its reason, the rest runs
+    stats = _run(pool, tmp_path / "all", "all", extra=image)
+    assert set(stats["strategies"]) == {"no_filter", "basic", "text", "laion"}
+    assert "l14_img" in stats["strategies_skipped"]["image"]
+    assert "clip_l14_similarity_score is empty" in stats["strategies_skipped"]["clip"]
+    assert "clip_l14_similarity_score is empty" in stats["strategies_skipped"]["image_clip"]
+
+
+def test_pool_scored_with_l14_only_b32_strategies_name_what_is_missing(pool, tmp_path):
+    _scored_with_only(pool, "l14")
+    first = _files(pool)[0]
+    for strategy, extra in (("laion", ()), ("clip", ("--arch", "b32"))):
+        with pytest.raises(FilterError, match=rf"strategy {strategy}: clip_b32_similarity_score is empty \(null\) "
+                           rf"in every row of .*{first.name}.*pipeline\.score --pool .* --as b32"):
+            _run(pool, tmp_path / "out", strategy, extra=extra)
+    c, t = make_centroids_and_targets(pool, tmp_path / "image", k=6)
+    stats = _run(pool, tmp_path / "l14", "clip", "image", extra=("--centroids", str(c), "--targets", str(t)))
+    assert stats["strategies"]["clip"]["kept"] == len(ref.clip_score(pool, "l14", fraction=0.3))
+    assert stats["strategies"]["image"]["kept"] > 0

@@ -4,7 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pools.format import (METADATA_COLUMN_NAMES, METADATA_SCHEMA, NPZ_KEYS, Pool, PoolFormatError,
-                          load_npz, read_metadata, validate_metadata_table, validate_pool)
+                          empty_columns, load_npz, npz_headers, read_metadata, validate_metadata_table,
+                          validate_npz, validate_pool)
 
 
 def _table(n=4, **overrides):
@@ -111,4 +112,67 @@ def test_layout_of_a_generated_pool(small_pool):
 
 def test_scored_pool_validates_with_npz(scored_pool):
     summary = validate_pool(scored_pool)
-    assert summary == {"metadata_files": 3, "rows": 900, "npz_files": 3, "shards": 0, "shard_samples": 0}
+    assert summary == {"metadata_files": 3, "rows": 900, "npz_files": 3, "npz_archs": {"b32": 3, "l14": 3},
+                       "shards": 0, "shard_samples": 0}
+
+
+def _one_file_pool(tmp_path, n=5, **arrays):
+    """A pool of one 5-row parquet and an npz holding `arrays`."""
+    parquet = tmp_path / "pool" / "metadata" / "0007.parquet"
+    parquet.parent.mkdir(parents=True)
+    pq.write_table(_table(n=n), parquet)
+    np.savez_compressed(parquet.with_suffix(".npz"), **arrays)
+    return tmp_path / "pool", parquet
+
+
+def _pair(arch, n=5, dtype=np.float16):
+    d = NPZ_KEYS[f"{arch}_img"]
+    return {f"{arch}_img": np.zeros((n, d), dtype), f"{arch}_txt": np.zeros((n, d), dtype)}
+
+
+@pytest.mark.parametrize("archs", [("b32",), ("l14",), ("b32", "l14")])
+def test_an_npz_needs_one_arch_not_all(tmp_path, archs):
+    # pipeline.score adds one arch at a time: a pool scored with b32 only is a valid pool
+    arrays = {k: v for a in archs for k, v in _pair(a).items()}
+    root, parquet = _one_file_pool(tmp_path, dedup=np.zeros((5, 256), np.float16), **arrays)
+    summary = validate_pool(root)
+    assert summary["npz_files"] == 1
+    assert summary["npz_archs"] == {a: int(a in archs) for a in ("b32", "l14")}
+    assert validate_npz(parquet, 5) == archs
+    assert npz_headers(parquet.with_suffix(".npz"))["dedup"] == ((5, 256), np.dtype(np.float16))
+
+
+@pytest.mark.parametrize("arrays,error", [
+    ({"b32_img": np.zeros((5, 512), np.float16)}, r"0007.npz: has 'b32_img' but not 'b32_txt'.*--as b32"),
+    ({**_pair("b32"), "l14_txt": np.zeros((5, 768), np.float16)}, r"0007.npz: has 'l14_txt' but not 'l14_img'"),
+    ({"dedup": np.zeros((5, 256), np.float16)}, r"0007.npz: holds no CLIP embeddings \(keys present: dedup\)"),
+    ({}, r"0007.npz: holds no CLIP embeddings \(keys present: none\)"),
+    (_pair("l14", dtype=np.float32), r"0007.npz: key 'l14_img' is float32; CommonPool's embeddings are float16"),
+    ({**_pair("b32"), "l14_img": np.zeros((5, 512), np.float16), "l14_txt": np.zeros((5, 768), np.float16)},
+     r"0007.npz: key 'l14_img' has shape \(5, 512\); expected \(rows, 768\)"),
+    (_pair("b32", n=4), r"0007.npz has 4 rows for 'b32_img' but 0007.parquet has 5"),
+])
+def test_an_incomplete_or_wrong_npz_names_file_and_key(tmp_path, arrays, error):
+    root, _ = _one_file_pool(tmp_path, **arrays)
+    with pytest.raises(PoolFormatError, match=error):
+        validate_pool(root)
+
+
+def test_missing_arch_key_says_how_to_add_it(tmp_path):
+    root, parquet = _one_file_pool(tmp_path, **_pair("b32"))
+    with pytest.raises(PoolFormatError, match=r"0007.npz: key 'l14_img' is missing \(keys present: b32_img, "
+                       r"b32_txt\); the pool has no l14 embeddings: add them with `python -m pipeline.score "
+                       r"--pool .*pool --model MODEL --as l14`"):
+        load_npz(parquet, ("l14_img",), 5)
+
+
+def test_empty_columns_from_the_footer(tmp_path):
+    path = tmp_path / "m.parquet"
+    t = _table(n=6)
+    t = t.set_column(5, "clip_b32_similarity_score", pa.nulls(6, pa.float32()))  # never scored
+    t = t.set_column(6, "clip_l14_similarity_score", pa.array([None, 0.2, None, None, None, None], pa.float32()))
+    pq.write_table(t, path, row_group_size=4)
+    assert empty_columns(path, ["clip_b32_similarity_score", "clip_l14_similarity_score", "absent"]) == [
+        "clip_b32_similarity_score"]
+    pq.write_table(t, path, write_statistics=False)  # no statistics: not reported
+    assert empty_columns(path, ["clip_b32_similarity_score"]) == []
