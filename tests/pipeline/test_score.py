@@ -1,7 +1,9 @@
 import io
 import json
 import shutil
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,9 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.score import main
-from pools.format import NPZ_KEYS, SCORE_COLUMNS, Pool, read_metadata, validate_pool
-from trainer.models import create_model, load_model, model_config_record
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the DataComp re-statement
+
+import datacomp_reference as ref  # noqa: E402
+from pipeline.filter import main as filter_main  # noqa: E402
+from pipeline.score import main  # noqa: E402
+from pools.format import NPZ_KEYS, SCORE_COLUMNS, Pool, read_metadata, validate_pool  # noqa: E402
+from pools.uids import uids_to_records  # noqa: E402
+from trainer.models import create_model, load_model, model_config_record  # noqa: E402
 
 
 def _small_cfg(dim):
@@ -136,11 +143,29 @@ def test_ray_scoring_both_archs_then_a_filter_runs(pool, checkpoints):
     np.testing.assert_array_equal(np.isnan(l14), np.isnan(b32))  # same rows lack an image
     assert not np.allclose(l14[~np.isnan(l14)], b32[~np.isnan(b32)])  # two different models
 
-    # DataComp's clip_score rule (threshold) on the filled column: NaN rows never pass
+    # pipeline.filter on the scored pool: DataComp's clip_score rule on the filled column (NaN
+    # rows, which have no image, never pass)
     threshold = float(np.nanquantile(l14, 0.7))
     kept = l14 >= threshold
     assert 0 < kept.sum() < np.isfinite(l14).sum()
-    assert not (kept & np.isnan(l14)).any()
+    out = root.parent / "subsets"
+    stats = filter_main(["--pool", str(root), "--strategy", "no_filter", "clip", "--arch", "l14",
+                         "--threshold", repr(threshold), "--out", str(out), "--executor", "local", "--quiet"])
+    records = uids_to_records(l14_table.column("uid"))
+    assert (np.load(out / "no_filter.npy") == np.sort(records)).all()
+    clip = np.load(out / "clip.npy")
+    assert len(clip) == stats["strategies"]["clip"]["kept"] == int(kept.sum())
+    assert (clip == np.sort(records[kept])).all()
+    funnel = {step["rule"]: step for step in stats["strategies"]["clip"]["funnel"]}
+    assert funnel["clip_l14_similarity_score_present"]["dropped"] == int(np.isnan(l14).sum())
+    assert funnel["clip_l14_similarity_score_ge_threshold"]["dropped"] == int((np.isfinite(l14) & ~kept).sum())
+    # the fraction form on the b32 column: DataComp's threshold over the whole pool (NaN rows
+    # count in N and never pass)
+    filter_main(["--pool", str(root), "--strategy", "clip", "--arch", "b32", "--fraction", "0.3", "--out",
+                 str(out / "b32"), "--executor", "local", "--quiet"])
+    want = ref.clip_score(root, "b32", fraction=0.3)
+    assert len(want) >= int(0.3 * 600) + 1  # ties at the threshold are kept
+    assert (np.load(out / "b32" / "clip.npy") == want).all()
 
     # a rerun with the same model does nothing
     assert {p.name: p.stat().st_mtime_ns for p in Pool(root).metadata_files()} != before
