@@ -6,6 +6,10 @@ nearest centroid by inner product, and those centroids form the target set. A po
 kept when its caption passes the pre-filter (`filters.text.CaptionPrefilter` plus fastText
 English) and its own nearest centroid, also by inner product, is in the target set.
 
+An all-zero embedding is a row without an image (`pipeline.score` writes zeros where a sample
+has none): it is nearest to no centroid (-1), so it is never kept. DataComp never meets one
+(CommonPool's rows all have images); its argmax would put every such row on centroid 0.
+
 `nearest_centroid` is the argmax of the exact inner products: it multiplies in float32 (GPU
 or CPU) and settles exactly every row whose best two scores are closer than float32's rounding
 error bound, so the answer does not depend on the device or the BLAS, and exact ties go to the
@@ -39,9 +43,18 @@ def _error_bound(dim: int) -> float:
     return du / (1.0 - du)
 
 
+NO_CENTROID = -1  # the nearest centroid of a row without an image embedding (or not assigned)
+
+
+def missing_embedding_mask(embeddings: np.ndarray) -> np.ndarray:
+    """True where a row is all zeros: no image embedding (the sample had no image)."""
+    return ~np.asarray(embeddings).any(axis=1)
+
+
 def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray, *, device: str | None = None,
                      batch_size: int | None = None) -> np.ndarray:
-    """Index (int64) of the centroid with the largest inner product, for every embedding row.
+    """Index (int64) of the centroid with the largest inner product, for every embedding row;
+    `NO_CENTROID` for an all-zero row (no image), which is nearest to none.
 
     Scores are computed in float32; a row whose best two scores are within float32's error
     bound of each other is settled exactly: every product of two float32 numbers is exact in
@@ -72,15 +85,18 @@ def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray, *, device: s
     batches = _scores_torch(embeddings, centroids, device, batch_size) if on_gpu else \
         _scores_numpy(embeddings, centroids, batch_size)
     for start, x, best, top, second, fetch_scores in batches:
+        missing = missing_embedding_mask(x)
         if k > 1:
             bound = slack * np.linalg.norm(x.astype(np.float64), axis=1)
-            unsure = np.flatnonzero(~(top - second > bound))
+            # (a zero row ties with every centroid: settling it exactly would cost k sums)
+            unsure = np.flatnonzero(~(top - second > bound) & ~missing)
             if len(unsure):
                 rows = fetch_scores(unsure)
                 for i, scores in zip(unsure, rows):
                     candidates = np.flatnonzero(scores >= top[i] - bound[i])
                     if len(candidates) > 1:
                         best[i] = _exact_argmax(x[i], centroids64, candidates)
+        best[missing] = NO_CENTROID
         out[start:start + len(x)] = best
     return out
 
@@ -136,11 +152,14 @@ def _scores_torch(embeddings, centroids, device, batch_size):
 
 
 def target_centroid_ids(targets: np.ndarray, centroids: np.ndarray, *, device: str | None = None) -> np.ndarray:
-    """Sorted unique nearest centroids of the target (e.g. ImageNet) embeddings."""
-    return np.unique(nearest_centroid(targets, centroids, device=device))
+    """Sorted unique nearest centroids of the target (e.g. ImageNet) embeddings (all-zero
+    targets have none)."""
+    ids = np.unique(nearest_centroid(targets, centroids, device=device))
+    return ids[ids != NO_CENTROID]
 
 
 def image_based_mask(nearest: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
-    """True where the row's nearest centroid is a target centroid (-1, not assigned, never is)."""
+    """True where the row's nearest centroid is a target centroid (-1: not assigned, or no
+    image embedding; never is)."""
     nearest = np.asarray(nearest)
     return np.isin(nearest, np.asarray(target_ids)) & (nearest >= 0)

@@ -8,7 +8,8 @@ DataComp's ``image_based_clustering.py`` (reference section 2), with its setting
    characters), taken from the signals table (`pipeline.signals`, computed and stored if
    missing, so `pipeline.filter` reuses it);
 2. ``l14_img`` of the surviving rows, per metadata file, sampled with replacement at the
-   scale's ratio (all rows for tiny/small/medium, 0.3 for large, 0.03 for xlarge);
+   scale's ratio (all rows for tiny/small/medium, 0.3 for large, 0.03 for xlarge); rows whose
+   embedding is all zeros (no image, see `pipeline.score`) are left out and counted first;
 3. faiss k-means: L2, ``niter=20``, ``seed=0``, ``max_points_per_centroid=10_000_000`` (no
    subsampling), on GPUs with ``GpuIndexFlatL2`` (float32) when faiss sees any, else on CPU;
 4. the centroids as a float32 ``.npy`` of shape (K, 768), plus a ``.json`` beside it with the
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from filters.image_based import missing_embedding_mask
 from filters.language import language_mask
 from filters.text import CaptionPrefilter, TextStatus, caption_prefilter_mask
 from pools.files import atomic_path, write_json_atomic
@@ -95,7 +97,8 @@ def collect_embeddings(files: list[Path], signals_dir: Path, *, ratio: float, se
     """The embeddings k-means trains on, in file order, and counts of what was used."""
     from pipeline.signals import iter_signal_tables
 
-    parts, counts = [], {"rows": 0, "after_caption_filter": 0, "sampled": 0}
+    parts = []
+    counts = {"rows": 0, "after_caption_filter": 0, "image_embedding_missing": 0, "sampled": 0}
     tables = (iter_signal_tables(files, signals_dir, ["text_status", "fasttext_lang", "fasttext_tokens",
                                                       "caption_chars"]) if caption_filter
               else ((p, None) for p in files))
@@ -110,14 +113,19 @@ def collect_embeddings(files: list[Path], signals_dir: Path, *, ratio: float, se
                     & caption_prefilter_mask(table.column("fasttext_tokens").to_numpy(),
                                              table.column("caption_chars").to_numpy(), prefilter))
             emb = emb[gate]
-        rows = sample_rows(len(emb), ratio, np.random.default_rng([seed, i]))
         counts["rows"] += n
         counts["after_caption_filter"] += len(emb)
+        missing = missing_embedding_mask(emb)
+        if missing.any():
+            emb = emb[~missing]
+            counts["image_embedding_missing"] += int(missing.sum())
+        rows = sample_rows(len(emb), ratio, np.random.default_rng([seed, i]))
         counts["sampled"] += len(rows)
         if len(rows):
             parts.append(emb[rows].astype(np.float32))
     if not parts:
-        raise FilterError("no embeddings left to cluster after the caption pre-filter")
+        raise FilterError("no embeddings left to cluster after the caption pre-filter "
+                          f"({counts['image_embedding_missing']} rows passing it have no image embedding)")
     return np.concatenate(parts), counts
 
 

@@ -480,6 +480,8 @@ def _run(cfg: FilterConfig) -> dict:
     columns = {"uid_hi", "uid_lo"} | {c for r in rules.values() for c in rule_columns(r)}
     if "text" in groups:
         columns.add("text_status")
+    if "centroid" in groups:
+        columns.add("image_embedding_missing")
     columns = sorted(columns)
     if groups:
         source = TableSource(files, signals_reader(cfg.signals, columns, skipped_files))
@@ -502,6 +504,7 @@ def _run(cfg: FilterConfig) -> dict:
     rows_read = 0
     files_read = 0
     caption_counts = {"null": 0, "not_utf8": 0}
+    embeddings_missing = None  # rows whose l14_img is all zeros (no image), when it was read
     files_seen = set()
     for path, table in source:
         cols = Columns(table)
@@ -511,6 +514,8 @@ def _run(cfg: FilterConfig) -> dict:
             status = cols["text_status"]
             caption_counts["null"] += int((status == 1).sum())
             caption_counts["not_utf8"] += int((status == 2).sum())
+        if "image_embedding_missing" in table.column_names:
+            embeddings_missing = (embeddings_missing or 0) + int(cols["image_embedding_missing"].sum())
         masks = {n: apply_rules(rules[n], cols, funnels[n]) for n in names}
         rows = np.flatnonzero(np.logical_or.reduce(list(masks.values()))) if masks else np.empty(0, np.int64)
         records = _uid_records(table, cols, rows, path)
@@ -546,7 +551,7 @@ def _run(cfg: FilterConfig) -> dict:
     timings["total_s"] = time.perf_counter() - t_start
 
     stats = _stats(cfg, names, funnels, params, rows_read, files_read, files, skipped_files,
-                   caption_counts, threshold_info, skipped_strategies, outputs)
+                   caption_counts, threshold_info, skipped_strategies, outputs, embeddings_missing)
     _merge_write(cfg.out / "stats.json", stats)
     manifest = _manifest(cfg, names, params, files, signal_summaries, keys, groups, image_inputs,
                          threshold_info, outputs, timings, device)
@@ -573,7 +578,7 @@ def _parameters(name: str, p: QueryParams, threshold_info: dict | None) -> dict:
 
 
 def _stats(cfg, names, funnels, params, rows_read, files_read, files, skipped_files, caption_counts,
-           threshold_info, skipped_strategies, outputs) -> dict:
+           threshold_info, skipped_strategies, outputs, embeddings_missing=None) -> dict:
     strategies = {}
     for n in names:
         f = funnels[n].as_dict()
@@ -587,6 +592,8 @@ def _stats(cfg, names, funnels, params, rows_read, files_read, files, skipped_fi
         "files_skipped": [{"file": k, "reason": v} for k, v in sorted(skipped_files.items())],
         "rows_read": rows_read,
         "captions_unreadable": caption_counts,
+        # rows whose l14_img is all zeros (no image: never near a centroid); null when not read
+        "image_embeddings_missing": embeddings_missing,
         "fraction_threshold": threshold_info,
         "strategies": strategies,
         "strategies_skipped": skipped_strategies,

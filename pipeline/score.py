@@ -16,7 +16,8 @@ and written in CommonPool's format, so every filter works on the pool afterwards
 
 Rows with no image (their download failed, or the image does not decode) get a NaN score and
 all-zero embeddings: NaN never passes a score threshold, as such rows could never be trained on
-anyway; a filter using embeddings should treat an all-zero row as missing. They are counted
+anyway; the image-based filter and `pipeline.centroids` treat an all-zero row as missing
+(nearest to no centroid, never kept, not clustered). They are counted
 (``missing_from_shards``, ``image_decode_failed``) so every row is accounted for.
 
 ``--as b32|l14`` says which columns the model stands in for; the model's embedding width must

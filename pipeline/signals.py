@@ -17,7 +17,9 @@ cld3       cld3_lang (CLD3 label; computed only where the B/32 score >= 0.28, th
 fasttext   fasttext_lang (fastText's top-1 label), computed on the rows that pass the   fastText
            other rules of a requested strategy (its "gate"), null elsewhere
 centroid   nearest_centroid (pool centroid with the largest inner product with          npz,
-           ``l14_img``; computed where the caption pre-filter passes, -1 elsewhere)     centroids
+           ``l14_img``; computed where the caption pre-filter passes and the row has    centroids
+           an image embedding, -1 elsewhere), image_embedding_missing (``l14_img``
+           is all zeros: the sample had no image, see `pipeline.score`)
 =========  ===========================================================================  =========
 
 The parquet's schema metadata records the source file's fingerprint and, per group, a key
@@ -46,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from filters.arrays import to_numpy
-from filters.image_based import nearest_centroid
+from filters.image_based import NO_CENTROID, missing_embedding_mask, nearest_centroid
 from filters.image_size import ImageSize, aspect_ratio, image_size_mask, min_side
 from filters.language import language_id_input, language_mask
 from filters.laion import Laion2B, cld3_needed
@@ -64,14 +66,14 @@ SIGNALS_FORMAT_VERSION = 1
 METADATA_KEY = b"datacomp_signals"
 
 # Bump a group's version whenever what it computes changes: stored signals are then recomputed.
-GROUP_VERSIONS = {"base": 1, "text": 1, "entity": 1, "cld3": 1, "fasttext": 2, "centroid": 1}
+GROUP_VERSIONS = {"base": 1, "text": 1, "entity": 1, "cld3": 1, "fasttext": 2, "centroid": 2}
 GROUP_COLUMNS: dict[str, tuple[str, ...]] = {
     "base": ("uid_hi", "uid_lo", "file", "row", *SCORE_COLUMNS.values(), "min_side", "aspect_ratio"),
     "text": ("text_status", "caption_words", "caption_chars", "fasttext_tokens"),
     "entity": ("imagenet21k_entity",),
     "cld3": ("cld3_lang",),
     "fasttext": ("fasttext_lang",),
-    "centroid": ("nearest_centroid",),
+    "centroid": ("nearest_centroid", "image_embedding_missing"),
 }
 GROUP_ORDER = tuple(GROUP_COLUMNS)  # also the order they are computed in
 # Signal groups that other groups are computed from. fastText labels are a function of the
@@ -377,7 +379,7 @@ class SignalsWorker:
         elif header is not None and "fasttext" in header["groups"]:
             gates_covered = list(header.get("fasttext_gates", []))
         if "centroid" in todo:
-            columns["nearest_centroid"] = self._nearest(parquet, n, columns)
+            columns["nearest_centroid"], columns["image_embedding_missing"] = self._nearest(parquet, n, columns)
         groups = dict(header["groups"]) if header is not None else {}
         for g in todo:
             groups[g] = self.spec.keys[g]
@@ -481,7 +483,8 @@ class SignalsWorker:
         index[rows] = np.arange(len(rows))
         return labels.take(pa.array(index, mask=index < 0)).dictionary_encode()
 
-    def _nearest(self, parquet: Path, n: int, columns: dict) -> pa.Array:
+    def _nearest(self, parquet: Path, n: int, columns: dict) -> tuple[pa.Array, pa.Array]:
+        """(nearest centroid, image embedding missing) of every row."""
         gate = (
             (_np(columns["text_status"]) == TextStatus.OK)
             & language_mask(_combined(columns["fasttext_lang"]))
@@ -489,11 +492,12 @@ class SignalsWorker:
                                      self.spec.caption_prefilter)
         )
         embeddings = load_npz(parquet, ("l14_img",), n)["l14_img"]
-        nearest = np.full(n, -1, dtype=np.int32)
-        rows = np.flatnonzero(gate)
+        missing = missing_embedding_mask(embeddings)
+        nearest = np.full(n, NO_CENTROID, dtype=np.int32)
+        rows = np.flatnonzero(gate & ~missing)
         if len(rows):
             nearest[rows] = nearest_centroid(embeddings[rows], self.centroids, device=self.spec.device)
-        return pa.array(nearest)
+        return pa.array(nearest), pa.array(missing)
 
 
 def nan_for_null(scores: pa.Array | pa.ChunkedArray) -> np.ndarray:

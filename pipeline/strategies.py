@@ -15,13 +15,17 @@ text        text_based                   caption readable, an ImageNet-21k word,
 clip        clip_score                   score present, score >= threshold (or top fraction)
 laion       laion2b                      B/32 present, B/32 >= 0.28, caption readable, CLD3 en
 image       image_based                  caption readable, > 1 fastText token, > 5 chars,
-                                         fastText en, nearest centroid is a target centroid
+                                         fastText en, image embedding present, nearest
+                                         centroid is a target centroid
 image_clip  image_based_intersect_       score present, score >= threshold, then as image
             clip_score
 ==========  ===========================  =========================================================
 
 "Caption readable" fails null captions and bytes that are not UTF-8 (DataComp would crash);
-"score present" fails NaN/null scores (DataComp's comparisons are False for them too). The
+"score present" fails NaN/null scores (DataComp's comparisons are False for them too).
+"Image embedding present" fails rows whose ``l14_img`` is all zeros, which `pipeline.score`
+writes for samples without an image (CommonPool has none such; DataComp would put them on
+centroid 0); on rows with an embedding the rule is DataComp's. The
 funnel is sequential: each rule reports the rows that reach it, pass it and are dropped by it.
 The model rules come last, so fastText and CLD3 run only on rows the other rules keep (the
 signals pass computes their labels there and nowhere else: the strategy's "gate").
@@ -194,6 +198,7 @@ def rules_for(name: str, p: QueryParams) -> tuple[Rule, ...]:
             Rule(f"fasttext_tokens_gt_{cp.min_tokens}", ("fasttext_tokens",), lambda c: c["fasttext_tokens"] > cp.min_tokens),
             Rule(f"caption_chars_gt_{cp.min_chars}", ("caption_chars",), lambda c: c["caption_chars"] > cp.min_chars),
             english,
+            Rule("image_embedding_present", ("image_embedding_missing",), lambda c: ~c["image_embedding_missing"]),
             Rule("nearest_centroid_in_targets", ("nearest_centroid",),
                  lambda c: image_based_mask(c["nearest_centroid"], targets)))
     raise ValueError(f"unknown strategy {name!r}")

@@ -7,7 +7,10 @@ fraction threshold, a float64 argmax per row for the centroids. No dedup, no vec
 shortcuts: slow, and obviously right.
 
 Two deliberate departures, because DataComp crashes on such rows: a null caption fails every
-caption rule, and NaN scores fail (as in DataComp, where ``NaN >= t`` is False).
+caption rule, and NaN scores fail (as in DataComp, where ``NaN >= t`` is False). And one
+because CommonPool never has such rows: an all-zero ``l14_img`` (a row without an image, as
+``pipeline.score`` writes it) is nearest to no centroid, so the image-based rule never keeps
+it (DataComp's argmax would put it on centroid 0).
 """
 
 from __future__ import annotations
@@ -223,7 +226,7 @@ def image_based(pool: Path, models: Models, centroids: np.ndarray, targets: np.n
         if key:
             index = (df[key] >= threshold).to_numpy()
             df, emb = df[index], emb[index]
-        mask = caption_filter(df, models)
+        mask = caption_filter(df, models) & np.array([bool(row.any()) for row in emb], dtype=bool)
         uids = df.uid.values[mask]
         labels = nearest_centroid_rowwise(emb[mask], centroids)
         out.append(_uid_records([u for u, lab in zip(uids, labels) if lab in target_ids]))

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from filters.image_based import image_based_mask, nearest_centroid, target_centroid_ids
+from filters.image_based import (NO_CENTROID, image_based_mask, missing_embedding_mask, nearest_centroid,
+                                 target_centroid_ids)
 
 
 def _exact(x, c):
@@ -50,3 +51,23 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="same width"):
         nearest_centroid(np.zeros((3, 4), np.float32), np.zeros((2, 5), np.float32))
     assert nearest_centroid(np.zeros((0, 4), np.float32), np.zeros((2, 4), np.float32)).shape == (0,)
+
+
+def test_all_zero_rows_are_nearest_to_no_centroid():
+    # pipeline.score writes zeros for a sample without an image: such a row is not an embedding
+    rng = np.random.default_rng(3)
+    c = _unit(rng.standard_normal((300, 64)))
+    x = _unit(rng.standard_normal((40, 64))).astype(np.float16)
+    zero = np.zeros(40, bool)
+    zero[[0, 7, 8, 39]] = True
+    x[zero] = 0
+    x[8] = -0.0  # negative zeros are zeros too
+    assert missing_embedding_mask(x).tolist() == zero.tolist()
+    for batch_size in (None, 3):
+        got = nearest_centroid(x, c, batch_size=batch_size)
+        assert (got[zero] == NO_CENTROID).all()
+        assert (got[~zero] == _exact(x[~zero], c)).all()  # the others exactly as before
+    # a zero target has no centroid either, and a -1 row is never kept
+    targets = np.concatenate([c[[5]] * 2, np.zeros((1, 64), np.float32)])
+    assert target_centroid_ids(targets, c).tolist() == [5]
+    assert not image_based_mask(np.array([NO_CENTROID]), np.array([NO_CENTROID, 5])).any()

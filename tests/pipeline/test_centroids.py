@@ -57,3 +57,25 @@ def test_sampling_with_replacement_per_file(pool, tmp_path):
 def test_too_few_points_is_a_clear_error(pool, tmp_path):
     with pytest.raises(FilterError, match="k=5000 needs at least 5000 points"):
         main(["--pool", str(pool), "--k", "5000", "--executor", "local", "--out", str(tmp_path / "c.npy")])
+
+
+def test_rows_without_an_image_embedding_are_not_clustered(pool, tmp_path):
+    import shutil
+
+    from pipeline.centroids import train_kmeans
+
+    copy = tmp_path / "pool"
+    shutil.copytree(pool / "metadata", copy / "metadata")
+    kept = []
+    for i, npz in enumerate(sorted((copy / "metadata").glob("*.npz"))):
+        with np.load(npz) as z:
+            arrays = {k: z[k].copy() for k in z.files}
+        arrays["l14_img"][i::10] = 0  # no image: pipeline.score writes zeros
+        np.savez_compressed(npz, **arrays)
+        kept.append(np.delete(arrays["l14_img"], np.s_[i::10], axis=0))
+    summary = main(["--pool", str(copy), "--k", "4", "--no-caption-filter", "--executor", "local",
+                    "--out", str(tmp_path / "c.npy")])
+    assert summary["after_caption_filter"] == 900 and summary["image_embedding_missing"] == 90
+    assert summary["sampled"] == 810
+    want, _ = train_kmeans(np.concatenate(kept), 4, use_gpu=False)
+    assert np.load(tmp_path / "c.npy").tobytes() == want.tobytes()

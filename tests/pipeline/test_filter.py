@@ -251,3 +251,68 @@ def test_missing_labels_are_caught_not_silently_dropped(pool, tmp_path):
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: _json.dumps(header)}), path)
     with pytest.raises(RuntimeError, match="without a fasttext_lang"):
         main(common + ["--strategy", "text"])
+
+
+@pytest.fixture(scope="module")
+def pool_with_missing_images(pool, tmp_path_factory):
+    """The quirky pool with 1 row in 12 as `pipeline.score` leaves a row without an image:
+    every embedding all zeros, both scores NaN. Returns (pool, uids of those rows)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("missing") / "pool"
+    shutil.copytree(pool / "metadata", out / "metadata")
+    rng = np.random.default_rng(3)
+    missing = []
+    for parquet in ref.parquet_paths(out):
+        table = pq.read_table(parquet)
+        rows = rng.choice(table.num_rows, table.num_rows // 12, replace=False)
+        npz = Path(parquet).with_suffix(".npz")
+        with np.load(npz) as z:
+            arrays = {k: z[k].copy() for k in z.files}
+        for v in arrays.values():
+            v[rows] = 0
+        np.savez_compressed(npz, **arrays)
+        for col in ("clip_b32_similarity_score", "clip_l14_similarity_score"):
+            s = table.column(col).to_numpy(zero_copy_only=False).astype(np.float32)
+            s[rows] = np.nan
+            table = table.set_column(table.schema.get_field_index(col), table.schema.field(col),
+                                     pa.array(s, pa.float32(), mask=table.column(col).is_null().to_numpy(
+                                         zero_copy_only=False)))
+        pq.write_table(table, parquet)
+        missing += [table.column("uid")[int(r)].as_py() for r in rows]
+    return out, missing
+
+
+def test_rows_without_an_image_embedding_are_never_kept(pool_with_missing_images, models, image_inputs, tmp_path):
+    pool, missing = pool_with_missing_images
+    c, t = (np.load(p) for p in image_inputs)
+    # DataComp's argmax would put a zero row on centroid 0, which is a target here: the rows
+    # below would be kept if a zero embedding counted as an embedding
+    assert 0 in set(ref.nearest_centroid_rowwise(t, c).tolist())
+    stats = main(["--pool", str(pool), "--strategy", "image", "image_clip", "--arch", "b32", "--threshold", "0.1",
+                  "--centroids", str(image_inputs[0]), "--targets", str(image_inputs[1]), "--out", str(tmp_path),
+                  "--executor", "local", "--quiet"])
+    # rows with an embedding: exactly DataComp's rule; rows without: never kept
+    image = _uids(tmp_path / "image.npy")
+    assert len(image) > 20 and (image == ref.image_based(pool, models, c, t)).all()
+    assert (_uids(tmp_path / "image_clip.npy") == ref.image_based(pool, models, c, t, arch="b32", threshold=0.1)).all()
+    missing_records = np.sort(np.array([(int(u[:16], 16), int(u[16:], 16)) for u in missing], UID_DTYPE))
+    assert not np.isin(image, missing_records).any()
+    # counted, with a reason: in the funnel (rows passing the caption pre-filter) and in stats.json
+    import pandas as pd
+
+    df = pd.concat([pd.read_parquet(p, columns=["uid", "text"]) for p in ref.parquet_paths(pool)])
+    prefiltered_missing = int(df.uid.isin(missing).to_numpy()[ref.caption_filter(df, models)].sum())
+    assert prefiltered_missing > 5
+    funnel = {f["rule"]: f for f in stats["strategies"]["image"]["funnel"]}
+    assert list(funnel)[-2:] == ["image_embedding_present", "nearest_centroid_in_targets"]
+    assert funnel["image_embedding_present"]["dropped"] == prefiltered_missing
+    assert stats["strategies"]["image"]["rows"] == stats["strategies"]["image"]["kept"] + sum(
+        stats["strategies"]["image"]["dropped"].values())
+    # (image_clip drops them earlier: their scores are NaN)
+    assert stats["strategies"]["image_clip"]["dropped"].get("image_embedding_present", 0) == 0
+    assert stats["image_embeddings_missing"] == len(missing) == 4 * (300 // 12)
+    signals = pq.read_table(pool / "signals", columns=["uid_hi", "nearest_centroid", "image_embedding_missing"])
+    no_image = signals.column("image_embedding_missing").to_numpy()
+    assert no_image.sum() == len(missing)
+    assert (signals.column("nearest_centroid").to_numpy()[no_image] == -1).all()
