@@ -1,16 +1,19 @@
 import hashlib
 import json
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
 
 import pipeline.reshard as reshard_mod
 from pipeline.reshard import InputShard, ReshardConfig, discover_shards, main, plan_tasks, reshard
 from pools.format import Pool
 from pools.uids import UID_DTYPE, uids_to_records, write_subset
+from trainer.data import ShardStream, StreamSpec, expand_shards, iter_tar_samples
 
 SHARD_SIZE = 40  # small output shards, so several are written and the size cap is exercised
 
@@ -125,14 +128,26 @@ def test_ray_gives_the_same_files_and_the_trainer_reads_them(small_pool, subset,
         n += 1
     assert n == meta["output_count"]
 
-    try:  # our trainer's shard lister and reader, once trainer.data exists
-        from trainer.data import expand_shards, iter_tar_samples
-    except ImportError:
-        return
+    # Our trainer's shard lister, reader and stream on the same folder: every copy of every
+    # selected sample, and batches with nothing skipped.
     assert expand_shards(str(ray_out)) == urls
     keys = [key for url in urls for key, _ in iter_tar_samples(url)]
     assert len(keys) == meta["output_count"]
-    assert all(key.rsplit("-", 1)[0] in present for key in keys)
+    copies = {}
+    for key in keys:
+        uid, j = key.rsplit("-", 1)
+        copies.setdefault(uid, []).append(int(j))
+    assert {u: sorted(js) for u, js in copies.items()} == {
+        u: list(range(k)) for u, k in multiplicity.items() if u in present}
+    stream = ShardStream(StreamSpec(shards=tuple(urls), seed=0, epoch=0, rank=0, local_batches=(16, 16),
+                                    shuffle_buffer=50),
+                         preprocess=lambda im: torch.from_numpy(np.asarray(im.resize((8, 8)), np.float32)),
+                         tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long))
+    steps = list(stream)
+    assert [(step, images.shape, tokens.shape[0]) for step, images, tokens, _ in steps] == [
+        (0, (16, 8, 8, 3), 16), (1, (16, 8, 8, 3), 16)]
+    counters = sum((Counter(c) for *_, c in steps), Counter())
+    assert counters["samples"] == 32 and not any(k.startswith("skipped") for k in counters)
 
 
 def test_rerun_resumes_and_finished_output_is_left_alone(small_pool, subset, tmp_path, monkeypatch):
