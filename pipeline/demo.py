@@ -169,7 +169,7 @@ def train_run(cfg: DemoConfig, data: Path, out: Path, *, seed: int, model: str |
     # A small demo's budget may hold fewer batches than the usual checkpoint intervals.
     batches = (samples_seen or budget.samples_seen) // budget.batch_size
     argv = ["--scale", cfg.scale, "--data", str(data), "--out", str(out), "--seed", str(seed),
-            "--resume", "latest", "--workers", str(cfg.workers),
+            "--resume", "latest", "--workers", str(cfg.workers), "--delete-previous-checkpoint",
             "--num-checkpoints", str(max(1, min(DEMO_CHECKPOINTS, batches)))]
     nonstandard = []
     if model is not None:

@@ -78,6 +78,7 @@ class TrainConfig:
     out: str
     budget: TrainScale  # the budget actually used (the scale's, unless overridden)
     num_checkpoints: int = 5  # DataComp's "epochs": checkpoint intervals over the budget
+    delete_previous_checkpoint: bool = False  # keep only epoch_latest.pt (what evaluation reads)
     precision: str = "fp32"
     workers: int = 2  # data loader processes per training process
     seed: int = 0

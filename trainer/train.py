@@ -201,7 +201,7 @@ def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict:
                      "counters": dict(counters), "all_counters": all_counts, "losses": losses}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            save_checkpoint(out, state)
+            save_checkpoint(out, state, keep_numbered=not cfg.delete_previous_checkpoint)
         barrier(env)
     bar.close()
     if writer is not None:
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shards: a folder of .tar, a resharded folder (meta.json), a pool root, a "
                         "brace pattern 'dir/{00000000..00000009}.tar'; join several with '::'")
     p.add_argument("--out", required=True, help="run folder to write (config, checkpoints, manifest)")
+    p.add_argument("--delete-previous-checkpoint", action="store_true",
+                   help="keep only checkpoints/epoch_latest.pt, not epoch_<n>.pt of every interval")
     p.add_argument("--num-checkpoints", type=int, default=5,
                    help="checkpoint intervals over the budget, DataComp's 'epochs' (default 5)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16", "amp_bfloat16"],
@@ -329,7 +331,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit(f"these flags change the {scale.name} budget: {', '.join(changed)}; "
                          "add --allow-nonstandard to run anyway (recorded as non-standard)")
     return TrainConfig(scale=args.scale, data=args.data, out=args.out, budget=budget,
-                       num_checkpoints=args.num_checkpoints, precision=args.precision,
+                       num_checkpoints=args.num_checkpoints,
+                       delete_previous_checkpoint=args.delete_previous_checkpoint, precision=args.precision,
                        workers=args.workers, seed=args.seed, local_loss=args.local_loss,
                        gather_with_grad=args.gather_with_grad,
                        grad_checkpointing=args.grad_checkpointing,

@@ -36,11 +36,13 @@ def test_samples_seen_is_exact_for_small_and_large_subsets(train_pool, tmp_path)
     small = tmp_path / "resharded"
     n = write_resharded(sorted((train_pool / "shards").glob("*.tar")), small, keep=100, repeats=2)
     assert n == 200
-    m = main(run_args(small, tmp_path / "r_small", 650, "--workers", "0", "--no-tensorboard"))
+    m = main(run_args(small, tmp_path / "r_small", 650, "--workers", "0", "--no-tensorboard",
+                      "--delete-previous-checkpoint"))
     assert m["samples_seen"] == m["counters"]["samples"] == 650  # 3.25 passes over the subset
     assert m["samples_per_interval"] == [320, 330] and m["steps"] == 11  # last step holds 10
     assert m["standard"] is False and set(m["overrides"]) == {"samples_seen", "batch_size"}
     assert len(np.load(tmp_path / "r_small" / "train_loss.npy")) == 11
+    assert [p.name for p in (tmp_path / "r_small" / "checkpoints").iterdir()] == ["epoch_latest.pt"]
     # larger than the budget: ~1,100 downloaded samples, 320 seen
     m = main(run_args(train_pool / "shards", tmp_path / "r_large", 320, "--workers", "1"))
     assert m["samples_seen"] == m["counters"]["samples"] == 320 and m["steps"] == 5
