@@ -122,10 +122,12 @@ def _log(cfg: FilterConfig, msg: str) -> None:
 def pool_files(cfg: FilterConfig) -> list[Path]:
     pool = Pool(cfg.pool)
     if not pool.metadata_dir.is_dir():
+        from pools.download import HUB_SCALES
+
+        download = (f"Get one with\n  python -m pools.download --scale {cfg.scale} --data-root {cfg.pool}\nor make"
+                    if cfg.scale in HUB_SCALES else "Make")  # the hub has no tiny pool
         raise FilterError(
-            f"no pool at {cfg.pool} (it needs {pool.metadata_dir}/*.parquet). Get one with\n"
-            f"  python -m pools.download --scale {cfg.scale} --data-root {cfg.pool.parent}\n"
-            "or make a synthetic one with\n"
+            f"no pool at {cfg.pool} (it needs {pool.metadata_dir}/*.parquet). {download} a synthetic one with\n"
             f"  python -m pools.synth --out {cfg.pool} --random-scores\n"
             f"(or point --pool / --data-root / ${DATA_ROOT_ENV} at an existing pool)")
     return pool.metadata_files()
