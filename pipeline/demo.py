@@ -281,10 +281,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                        lambda run=run: evaluate(run, tasks=[f"synth={cfg.eval_dir}"]))
 
     from pipeline.report import main as report_main
-    from trainer.compare import main as compare_main
+    from trainer.compare import compare_runs
 
     comparison = out / "comparison"
-    compare_main([*map(str, runs), "--out", str(comparison)])
+    compare_runs(runs, comparison)  # the table is printed once, at the end
     report = out / "report.html"
     report_main(["--pool", str(cfg.pool), "--subsets", str(subsets), "--runs", *map(str, runs),
                  "--out", str(report)])
