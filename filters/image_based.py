@@ -163,3 +163,32 @@ def image_based_mask(nearest: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
     image embedding; never is)."""
     nearest = np.asarray(nearest)
     return np.isin(nearest, np.asarray(target_ids)) & (nearest >= 0)
+
+
+def embedding_signals(l14_img) -> dict[str, np.ndarray]:
+    """Whether each row has an image embedding (an all-zero, NaN or infinite row has none)."""
+    emb = np.asarray(l14_img)
+    return {"image_embedding_missing": missing_embedding_mask(emb) | ~np.isfinite(emb).all(axis=1)}
+
+
+def centroid_signals(l14_img, centroids) -> dict[str, np.ndarray]:
+    """Nearest pool centroid of each row (`centroids`: embeddings -> indices); `NO_CENTROID`
+    for a row without an image embedding."""
+    emb = np.asarray(l14_img)
+    nearest = np.full(len(emb), NO_CENTROID, dtype=np.int32)
+    present = np.flatnonzero(~embedding_signals(emb)["image_embedding_missing"])
+    if len(present):
+        nearest[present] = centroids(emb[present])
+    return {"nearest_centroid": nearest}
+
+
+def target_centroid_signals(nearest_centroid, target_centroids) -> dict[str, "pa.Array"]:
+    """Whether each row's nearest centroid is a target centroid (null where it is unknown)."""
+    import pyarrow as pa
+
+    from filters.arrays import to_numpy
+
+    col = nearest_centroid.combine_chunks() if isinstance(nearest_centroid, pa.ChunkedArray) else nearest_centroid
+    col = pa.array(col) if not isinstance(col, pa.Array) else col
+    hit = image_based_mask(to_numpy(col.fill_null(NO_CENTROID)), target_centroids)
+    return {"nearest_centroid_in_targets": pa.array(hit, mask=to_numpy(col.is_null()) if col.null_count else None)}

@@ -42,3 +42,9 @@ def aspect_ratio(width, height) -> np.ndarray:
 def image_size_mask(shorter_side: np.ndarray, aspect: np.ndarray, p: ImageSize = ImageSize()) -> np.ndarray:
     """The rule from precomputed `min_side` and `aspect_ratio`; NaN never passes."""
     return (np.asarray(shorter_side) >= p.min_side) & (np.asarray(aspect) <= p.max_aspect)
+
+
+def size_signals(original_width, original_height) -> dict[str, np.ndarray]:
+    """The size signal group: shorter side and aspect ratio of the original image."""
+    return {"min_side": min_side(original_width, original_height),
+            "aspect_ratio": aspect_ratio(original_width, original_height)}

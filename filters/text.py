@@ -142,3 +142,28 @@ def caption_length_mask(words: np.ndarray, chars: np.ndarray, p: CaptionLength) 
 def caption_prefilter_mask(tokens: np.ndarray, chars: np.ndarray, p: CaptionPrefilter) -> np.ndarray:
     """The image-based caption pre-filter's length rule from precomputed counts."""
     return (np.asarray(tokens) > p.min_tokens) & (np.asarray(chars) > p.min_chars)
+
+
+def map_distinct(texts: pa.Array, fn, null_value=0) -> np.ndarray:
+    """`fn` (Arrow strings -> NumPy values) on each distinct text once, mapped back to the rows;
+    null rows get `null_value`."""
+    encoded = pc.dictionary_encode(caption_array(texts))
+    values = np.asarray(fn(encoded.dictionary))
+    index = encoded.indices.to_numpy(zero_copy_only=False)
+    if encoded.indices.null_count:
+        valid = ~to_numpy(encoded.indices.is_null())
+        out = np.full(len(texts), null_value, dtype=values.dtype)
+        out[valid] = values[index[valid].astype(np.int64)]
+        return out
+    return values[index.astype(np.int64)]
+
+
+def caption_signals(text) -> dict[str, np.ndarray]:
+    """The text signal group: readability and the three caption lengths of every row."""
+    raw = caption_array(text)
+    status = text_status(raw)
+    texts = readable_captions(raw, status)
+    return {"text_status": status,
+            "caption_words": map_distinct(texts, whitespace_word_count),
+            "caption_chars": map_distinct(texts, char_count),
+            "fasttext_tokens": map_distinct(texts, fasttext_token_count)}

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from filters.expressions import all_pass, rule_columns, signal_frame
 from filters.image_based import missing_embedding_mask
-from filters.language import language_mask
-from filters.text import CaptionPrefilter, TextStatus, caption_prefilter_mask
 from pools.files import atomic_path, write_json_atomic
 from pools.format import load_npz
 from pools.scales import SCALES, get_scale
@@ -91,16 +90,27 @@ def sample_rows(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(n, size=int(n * ratio), replace=True) if n else np.empty(0, dtype=np.int64)
 
 
+def caption_prefilter_spec():
+    """DataComp's caption pre-filter: the image-based strategy's rules up to fastText English."""
+    from dataclasses import replace
+
+    from pipeline.strategies import builtin_spec
+
+    image = builtin_spec("image")
+    rules = tuple(r for r in image.rules if not {"image_embedding_missing", "nearest_centroid_in_targets"}
+                  & set(rule_columns(r.expr)))
+    return replace(image, name="caption_prefilter", rules=rules)
+
+
 def collect_embeddings(files: list[Path], signals_dir: Path, *, ratio: float, seed: int,
-                       caption_filter: bool, key: str = "l14_img",
-                       prefilter: CaptionPrefilter = CaptionPrefilter()) -> tuple[np.ndarray, dict]:
+                       caption_filter: bool, key: str = "l14_img") -> tuple[np.ndarray, dict]:
     """The embeddings k-means trains on, in file order, and counts of what was used."""
     from pipeline.signals import iter_signal_tables
 
     parts = []
     counts = {"rows": 0, "after_caption_filter": 0, "image_embedding_missing": 0, "sampled": 0}
-    tables = (iter_signal_tables(files, signals_dir, ["text_status", "fasttext_lang", "fasttext_tokens",
-                                                      "caption_chars"]) if caption_filter
+    prefilter = caption_prefilter_spec()
+    tables = (iter_signal_tables(files, signals_dir, prefilter.columns()) if caption_filter
               else ((p, None) for p in files))
     for i, (parquet, table) in enumerate(tables):
         import pyarrow.parquet as pq
@@ -108,11 +118,7 @@ def collect_embeddings(files: list[Path], signals_dir: Path, *, ratio: float, se
         n = table.num_rows if table is not None else pq.ParquetFile(parquet).metadata.num_rows
         emb = load_npz(parquet, (key,), n)[key]
         if table is not None:
-            status = table.column("text_status").to_numpy()
-            gate = ((status == TextStatus.OK) & language_mask(table.column("fasttext_lang"))
-                    & caption_prefilter_mask(table.column("fasttext_tokens").to_numpy(),
-                                             table.column("caption_chars").to_numpy(), prefilter))
-            emb = emb[gate]
+            emb = emb[all_pass(signal_frame(table), [r.expr for r in prefilter.rules])]
         counts["rows"] += n
         counts["after_caption_filter"] += len(emb)
         missing = missing_embedding_mask(emb)
@@ -166,20 +172,22 @@ def main(argv: list[str] | None = None) -> dict:
     signals_dir = args.signals_dir if args.signals_dir is not None else default_signals_dir(pool, out.parent)
     started = time.perf_counter()
 
-    from pipeline.filter import FilterConfig
-
-    files = pool_files(FilterConfig(pool=pool, scale=args.scale, strategies=("image",), out=out.parent))
+    files = pool_files(pool, args.scale)
     why = missing_embeddings(files, "l14_img", pool, "k-means")
     if why is not None:
         raise FilterError(why)
     if not args.no_caption_filter:
         from pipeline.execution import Executor
-        from pipeline.signals import SignalsSpec, expand_groups, group_keys, run_signals_pass
+        from pipeline.models import ModelSettings
+        from pipeline.signals import SignalsSpec, group_keys
+        from pipeline.signals_pass import run_signals_pass
+        from pipeline.strategies import groups_needed, required_metadata, signals_needed
 
-        groups = expand_groups(["fasttext"], ["prefilter"])
-        spec = SignalsSpec(groups=groups, keys=group_keys(groups, lid_model=None, morphy_repeat_rules=True,
-                                                          centroids=None),
-                           required_columns=("text",), lid_gates=("prefilter",))
+        prefilter = [caption_prefilter_spec()]
+        groups = groups_needed(prefilter)
+        keys = group_keys(groups, ModelSettings())
+        spec = SignalsSpec(groups=groups, keys=keys, required_columns=required_metadata(prefilter, groups),
+                           gates=signals_needed(prefilter, keys))
         run_signals_pass(files, signals_dir, spec, Executor(kind=args.executor, ray_address=args.ray_address,
                                                             num_workers=args.num_workers))
     x, counts = collect_embeddings(files, signals_dir, ratio=ratio, seed=args.seed,

@@ -31,24 +31,26 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from filters.arrays import from_numpy, to_numpy
-from filters.clip_score import ClipScore, DescendingRankSelector
+from filters.clip_score import DescendingRankSelector, threshold_rank
+from filters.expressions import signal_frame
 from pools.files import sha256_file, write_json_atomic
 from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
                           score_fix)
 from pools.scales import SCALES, get_scale
-from pools.uids import UID_DTYPE, uids_to_records, write_subset
+from pools.uids import records_from_halves, uids_to_records, write_subset
 
-from pipeline.strategies import (ALIASES, STRATEGIES, Columns, Funnel, QueryParams, apply_rules,
-                                 resolve_strategy_names, rule_columns, rules_for)
+from pipeline.strategies import (ALIASES, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, groups_needed,
+                                 required_metadata, resolve_strategies, selection_values, signals_needed,
+                                 with_members)
 
 DATA_ROOT_ENV = "DATACOMP_DATA_ROOT"
 CACHE_BUDGET_BYTES = 256 << 20  # columns kept in memory between passes over the pool
@@ -92,7 +94,11 @@ class FilterConfig:
     strategies: tuple[str, ...]
     out: Path
     signals_dir: Path | None = None  # default <pool>/signals (<out>/signals if the pool is read-only)
-    clip: ClipScore = field(default_factory=ClipScore)
+    # DataComp's flags for clip and image_clip (None: the spec's own value); they set the
+    # parameter `arch` and the selection of every spec that declares `arch`
+    arch: str | None = None
+    fraction: float | None = None
+    threshold: float | None = None
     centroids: Path | None = None
     targets: tuple[Path, ...] = ()
     targets_model: str | None = None
@@ -112,6 +118,10 @@ class FilterConfig:
     def signals(self) -> Path:
         return self.signals_dir if self.signals_dir is not None else default_signals_dir(self.pool, self.out)
 
+    def spec_overrides(self) -> dict:
+        return {k: v for k, v in (("arch", self.arch), ("fraction", self.fraction), ("threshold", self.threshold))
+                if v is not None}
+
 
 def _log(cfg: FilterConfig, msg: str) -> None:
     if cfg.progress:
@@ -119,16 +129,17 @@ def _log(cfg: FilterConfig, msg: str) -> None:
 
 
 # --- inputs -----------------------------------------------------------------------------------
-def pool_files(cfg: FilterConfig) -> list[Path]:
-    pool = Pool(cfg.pool)
+def pool_files(pool_dir: Path, scale: str) -> list[Path]:
+    """The pool's metadata files, or a clear error saying how to get a pool."""
+    pool = Pool(pool_dir)
     if not pool.metadata_dir.is_dir():
         from pools.download import HUB_SCALES
 
-        download = (f"Get one with\n  python -m pools.download --scale {cfg.scale} --data-root {cfg.pool}\nor make"
-                    if cfg.scale in HUB_SCALES else "Make")  # the hub has no tiny pool
+        download = (f"Get one with\n  python -m pools.download --scale {scale} --data-root {pool_dir}\nor make"
+                    if scale in HUB_SCALES else "Make")  # the hub has no tiny pool
         raise FilterError(
-            f"no pool at {cfg.pool} (it needs {pool.metadata_dir}/*.parquet). {download} a synthetic one with\n"
-            f"  python -m pools.synth --out {cfg.pool} --random-scores\n"
+            f"no pool at {pool_dir} (it needs {pool.metadata_dir}/*.parquet). {download} a synthetic one with\n"
+            f"  python -m pools.synth --out {pool_dir} --random-scores\n"
             f"(or point --pool / --data-root / ${DATA_ROOT_ENV} at an existing pool)")
     return pool.metadata_files()
 
@@ -175,35 +186,27 @@ def missing_embeddings(files: Sequence[Path], key: str, pool: Path, purpose: str
     return None
 
 
-def check_image_inputs(cfg: FilterConfig, files: Sequence[Path]) -> tuple[str | None, Path | None]:
-    """(None, centroids path) if the image strategies can run, else (why not, None)."""
-    why = missing_embeddings(files, "l14_img", cfg.pool, "the image-based filters")
-    if why is not None:
-        return why, None
-    centroids = cfg.centroids or default_centroids(cfg.pool, cfg.scale)
-    if not Path(centroids).is_file():
-        return (f"no centroids at {centroids}: make them with `python -m pipeline.centroids --pool "
-                f"{cfg.pool} --scale {cfg.scale}` or pass --centroids FILE (.npy or DataComp's .pt)"), None
-    if not cfg.targets:
-        return ("no targets: pass --targets with DataComp's in1k_clip_vit_l14_*.pt files, a .npy of "
-                "target image embeddings, or an image folder with --targets-model"), None
-    return None, Path(centroids)
+def _closure(spec: StrategySpec, specs: Mapping[str, StrategySpec]) -> list[StrategySpec]:
+    """`spec` and every strategy it intersects, recursively."""
+    out, stack = [], [spec]
+    while stack:
+        s = stack.pop()
+        if s not in out:
+            out.append(s)
+            stack.extend(specs[m] for m in s.intersect)
+    return out
 
 
-def score_columns_needed(cfg: FilterConfig, name: str) -> list[str]:
-    """The CLIP score columns strategy `name` reads."""
-    s = STRATEGIES[name]
-    cols = [c for c in s.metadata_columns if c in SCORE_COLUMNS.values()]
-    if s.uses_clip_score and cfg.clip.column not in cols:
-        cols.append(cfg.clip.column)
-    return cols
+def score_columns_read(spec: StrategySpec, specs: Mapping[str, StrategySpec]) -> list[str]:
+    """The pool's CLIP score columns a strategy (and what it intersects) reads."""
+    return sorted({c for s in _closure(spec, specs) for c in s.columns() if c in SCORE_COLUMNS.values()})
 
 
-def check_score_columns(cfg: FilterConfig, files: Sequence[Path], names: Sequence[str]) -> dict[str, str]:
+def check_score_columns(files: Sequence[Path], pool: Path, specs: Mapping[str, StrategySpec]) -> dict[str, str]:
     """Strategy -> why it cannot run, for strategies whose score column was never filled (null
     in every row) in some metadata file; read from the parquet footers only."""
     empty_in: dict[str, list[Path]] = {}
-    for col in sorted({c for n in names for c in score_columns_needed(cfg, n)}):
+    for col in sorted({c for s in specs.values() for c in score_columns_read(s, specs)}):
         empty = []
         for p in files:
             try:
@@ -213,20 +216,53 @@ def check_score_columns(cfg: FilterConfig, files: Sequence[Path], names: Sequenc
                 continue  # unreadable: reported (or skipped with --on-bad-file skip) when it is read
         empty_in[col] = empty
     reasons = {}
-    for n in names:
-        for col in score_columns_needed(cfg, n):
+    for name, spec in specs.items():
+        for col in score_columns_read(spec, specs):
             if not empty_in[col]:
                 continue
             arch = next(a for a, c in SCORE_COLUMNS.items() if c == col)
             other = [a for a in SCORE_COLUMNS if a != arch]
             why = (f"{col} is empty (null) in every row of {empty_in[col][0]} ({len(empty_in[col])} of "
-                   f"{len(files)} metadata files): the pool has no {arch} scores there, so strategy {n} "
-                   f"would drop every row. Score the pool first: `{score_fix(cfg.pool, arch)}`")
-            if STRATEGIES[n].uses_clip_score and col == cfg.clip.column and other:
+                   f"{len(files)} metadata files): the pool has no {arch} scores there, so strategy {name} "
+                   f"would drop every row. Score the pool first: `{score_fix(pool, arch)}`")
+            if any("arch" in dict(s.params) for s in _closure(spec, specs)) and other:
                 why += f", or use --arch {other[0]}"
-            reasons[n] = why
+            reasons[name] = why
             break
     return reasons
+
+
+def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, StrategySpec]
+                 ) -> tuple[dict[str, str], Path | None]:
+    """Strategy -> why its signals cannot be computed (npz keys, centroids, targets), and the
+    centroids file when some strategy needs it."""
+    from pipeline.signals import SIGNAL_GROUPS
+
+    reasons: dict[str, str] = {}
+    centroids_path = None
+    checked: dict[str, str | None] = {}
+    for name, spec in specs.items():
+        groups = groups_needed(_closure(spec, specs))
+        needs = [f"npz:{k}" for g in groups for k in SIGNAL_GROUPS[g].npz_keys]
+        needs += [f"model:{m}" for g in groups for m in SIGNAL_GROUPS[g].models if m in ("centroids", "target_centroids")]
+        for need in dict.fromkeys(needs):
+            if need not in checked:
+                if need.startswith("npz:"):
+                    checked[need] = missing_embeddings(files, need[4:], cfg.pool, f"strategies reading {need[4:]}")
+                elif need == "model:centroids":
+                    path = cfg.centroids or default_centroids(cfg.pool, cfg.scale)
+                    checked[need] = None if Path(path).is_file() else (
+                        f"no centroids at {path}: make them with `python -m pipeline.centroids --pool "
+                        f"{cfg.pool} --scale {cfg.scale}` or pass --centroids FILE (.npy or DataComp's .pt)")
+                    centroids_path = Path(path) if Path(path).is_file() else centroids_path
+                else:
+                    checked[need] = None if cfg.targets else (
+                        "no targets: pass --targets with DataComp's in1k_clip_vit_l14_*.pt files, a .npy of "
+                        "target image embeddings, or an image folder with --targets-model")
+            if checked[need] is not None:
+                reasons[name] = checked[need]
+                break
+    return reasons, centroids_path
 
 
 def load_image_inputs(cfg: FilterConfig, centroids_path: Path, device: str | None) -> ImageInputs:
@@ -360,14 +396,11 @@ def signals_reader(signals_dir: Path, columns: Sequence[str], skipped: dict[str,
 
 
 # --- the run ----------------------------------------------------------------------------------
-def _uid_records(table: pa.Table, cols: Columns, rows: np.ndarray, path: Path) -> np.ndarray:
+def _uid_records(table: pa.Table, rows: np.ndarray, path: Path) -> np.ndarray:
     """DataComp's ``u8,u8`` records of `rows`: from the signals' uid_hi/uid_lo, or parsed
     from the uid strings of those rows only."""
     if "uid_hi" in table.column_names:
-        records = np.empty(len(rows), dtype=UID_DTYPE)
-        records["f0"] = cols["uid_hi"][rows]
-        records["f1"] = cols["uid_lo"][rows]
-        return records
+        return records_from_halves(table.column("uid_hi"), table.column("uid_lo"), rows)
     uids = table.column("uid")
     subset = len(rows) < len(uids)
     try:
@@ -382,23 +415,90 @@ def _uid_records(table: pa.Table, cols: Columns, rows: np.ndarray, path: Path) -
     raise AssertionError("unreachable")
 
 
-def compute_threshold(source: TableSource, column: str, fraction: float) -> tuple[float, dict]:
-    """DataComp's fraction -> threshold over the whole pool, exactly, in constant memory."""
-    selector = None
-    while selector is None or not selector.done:
-        for _, table in source:
-            values = to_numpy(table.column(column))
-            if selector is None:
-                selector = DescendingRankSelector(values.dtype if values.dtype.kind == "f" else np.float64,
-                                                  fraction)
-            selector.add(values)
-        if selector is None:
-            raise FilterError("the pool has no rows to compute a fraction threshold over")
-        selector.end_pass()
-    info = {"column": column, "fraction": fraction, "rows": selector.rows, "rank": selector.rank,
-            "non_nan_rows": selector.non_nan_rows, "passes": selector.passes,
-            "threshold": float(selector.threshold)}
-    return selector.threshold, info
+def keep_masks(frame, specs: Mapping[str, StrategySpec], thresholds: Mapping[str, float],
+               funnels: Mapping[str, Funnel] | None = None) -> dict[str, np.ndarray]:
+    """Every strategy's keep mask on one file (members before the strategies intersecting them),
+    adding to `funnels` when given."""
+    masks: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        funnel = funnels[name] if funnels is not None else Funnel(steps=spec.steps)
+        masks[name] = apply_spec(spec, frame, thresholds, masks, funnel)
+    return masks
+
+
+def _selection_rounds(specs: Mapping[str, StrategySpec]) -> list[list[str]]:
+    """Strategies whose fraction threshold must be found, in rounds: a round's selections only
+    need the thresholds of earlier rounds (a selection over the pool needs none)."""
+    pending = [n for n, s in specs.items() if s.select is not None and s.select.fraction is not None]
+    known: set[str] = set()
+    rounds = []
+    while pending:
+        ready = [n for n in pending if specs[n].select.over == "pool"
+                 or all(m in known or not _needs_threshold(m, specs, known) for m in _members(n, specs))]
+        rounds.append(ready)
+        known |= set(ready)
+        pending = [n for n in pending if n not in ready]
+    return rounds
+
+
+def _members(name: str, specs: Mapping[str, StrategySpec]) -> list[str]:
+    return [s.name for s in _closure(specs[name], specs) if s.name != name]
+
+
+def _needs_threshold(name: str, specs: Mapping[str, StrategySpec], known: set[str]) -> bool:
+    return any(s.select is not None and s.select.fraction is not None and s.name not in known
+               for s in _closure(specs[name], specs))
+
+
+def resolve_thresholds(source: "TableSource", specs: Mapping[str, StrategySpec]) -> tuple[dict, dict]:
+    """The threshold of every strategy's selection (DataComp's fraction rule, exactly, in
+    constant memory: `filters.clip_score.DescendingRankSelector`), and what each was found over."""
+    thresholds = {n: float(s.select.threshold) for n, s in specs.items()
+                  if s.select is not None and s.select.threshold is not None}
+    infos: dict[str, dict] = {}
+    for ready in _selection_rounds(specs):
+        shared: dict[tuple, list[str]] = {}  # selections over the pool with the same score and fraction
+        for n in ready:
+            sel = specs[n].select
+            shared.setdefault((sel.score, sel.fraction) if sel.over == "pool" else ("spec", n), []).append(n)
+        needed = {m: specs[m] for m in specs if m in _members_of(ready, specs)}
+        active: dict[tuple, DescendingRankSelector | None] = {k: None for k in shared}
+        while active:
+            counts = {k: 0 for k in active}
+            for _, table in source:
+                frame = signal_frame(table)
+                members = keep_masks(frame, needed, thresholds) if needed else {}
+                for k in active:
+                    values = selection_values(specs[shared[k][0]], frame, members)
+                    if active[k] is None:
+                        active[k] = DescendingRankSelector(values.dtype if values.dtype == np.float64 else np.float32,
+                                                           specs[shared[k][0]].select.fraction)
+                    counts[k] += len(values)
+                    active[k].add(values)
+            for k in list(active):
+                selector, spec = active[k], specs[shared[k][0]]
+                if selector is None:
+                    raise FilterError("the pool has no rows to compute a fraction threshold over")
+                info = {"column": spec.select.score, "fraction": spec.select.fraction, "over": spec.select.over}
+                rank = threshold_rank(counts[k], spec.select.fraction)
+                if selector.passes == 0 and rank >= counts[k]:
+                    # no row to rank (nothing kept), or fraction 1: every row with a score is kept
+                    info.update(rows=counts[k], rank=rank, non_nan_rows=selector.non_nan_rows, passes=1,
+                                threshold=float("inf") if counts[k] == 0 else float("-inf"))
+                else:
+                    selector.end_pass()
+                    if not selector.done:
+                        continue
+                    info.update(rows=selector.rows, rank=selector.rank, non_nan_rows=selector.non_nan_rows,
+                                passes=selector.passes, threshold=float(selector.threshold))
+                for n in shared[k]:
+                    thresholds[n], infos[n] = info["threshold"], info
+                del active[k]
+    return thresholds, infos
+
+
+def _members_of(names: Sequence[str], specs: Mapping[str, StrategySpec]) -> set[str]:
+    return {m for n in names for m in _members(n, specs)}
 
 
 def run(cfg: FilterConfig) -> dict:
@@ -411,140 +511,142 @@ def run(cfg: FilterConfig) -> dict:
         finish_ray()  # a Ray this run started is shut down while the queries run; wait for it
 
 
+def _skip(cfg: FilterConfig, reasons: Mapping[str, str], requested: list[str], specs: dict,
+          skipped: dict[str, str]) -> None:
+    """Strategies that cannot run: an error, or with --strategy all skipped with the reason
+    (with every strategy that intersects them)."""
+    for name in list(specs):
+        why = reasons.get(name) or next((skipped[m] for m in _members(name, specs) if m in skipped), None)
+        if why is None:
+            continue
+        if name in requested and not cfg.all_requested:
+            raise FilterError(f"strategy {name}: {why}")
+        if name in requested:
+            skipped[name] = why
+            _log(cfg, f"skipping {name}: {why}")
+        specs.pop(name)
+        if name in requested:
+            requested.remove(name)
+
+
 def _run(cfg: FilterConfig) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    files = pool_files(cfg)
-    names = list(cfg.strategies)
+    files = pool_files(cfg.pool, cfg.scale)
+    overrides = cfg.spec_overrides()
+    requested_specs = resolve_strategies(cfg.strategies, overrides)
+    specs = with_members(requested_specs, overrides)  # what is evaluated: requested + intersected
+    requested = [s.name for s in requested_specs]
     skipped_strategies: dict[str, str] = {}
-    needs_device = any(STRATEGIES[n].needs_centroids for n in names)
-    device = _resolve_device(cfg.device) if needs_device else None
 
-    for n, why in check_score_columns(cfg, files, names).items():
-        if not cfg.all_requested:
-            raise FilterError(f"strategy {n}: {why}")
-        skipped_strategies[n] = why
-        _log(cfg, f"skipping {n}: {why}")
-    names = [n for n in names if n not in skipped_strategies]
-
-    image_inputs = None
-    if any(STRATEGIES[n].needs_centroids for n in names):
-        why, centroids_path = check_image_inputs(cfg, files)
-        if why is not None:
-            if not cfg.all_requested:
-                raise FilterError(f"strategy {', '.join(n for n in names if STRATEGIES[n].needs_centroids)}: {why}")
-            for n in [n for n in names if STRATEGIES[n].needs_centroids]:
-                skipped_strategies[n] = why
-                _log(cfg, f"skipping {n}: {why}")
-            names = [n for n in names if n not in skipped_strategies]
-        else:
-            t = time.perf_counter()
-            image_inputs = load_image_inputs(cfg, centroids_path, device)
-            timings["targets_s"] = time.perf_counter() - t
-            _log(cfg, f"image-based: {len(image_inputs.target_ids)} of {len(image_inputs.centroids)} "
-                      "centroids are nearest to a target")
-    if not names:
+    _skip(cfg, check_score_columns(files, cfg.pool, specs), requested, specs, skipped_strategies)
+    reasons, centroids_path = check_inputs(cfg, files, specs)
+    _skip(cfg, reasons, requested, specs, skipped_strategies)
+    if not requested:
         raise FilterError("no strategy left to run")
-    strategies = [STRATEGIES[n] for n in names]
+    groups = groups_needed(specs.values())
+    device = _resolve_device(cfg.device) if "centroid" in groups else None
+    image_inputs = None
+    if "centroid" in groups or "target_centroid" in groups:
+        t = time.perf_counter()
+        image_inputs = load_image_inputs(cfg, centroids_path, device)
+        timings["targets_s"] = time.perf_counter() - t
+        _log(cfg, f"image-based: {len(image_inputs.target_ids)} of {len(image_inputs.centroids)} "
+                  "centroids are nearest to a target")
 
     # 1. signals
     from pipeline.execution import Executor
-    from pipeline.signals import SignalsSpec, expand_groups, group_keys, run_signals_pass
+    from pipeline.models import ModelSettings
+    from pipeline.signals import SignalsSpec, group_keys
+    from pipeline.signals_pass import run_signals_pass
 
-    lid_gates = tuple(sorted({s.lid_gate for s in strategies if s.lid_gate}))
-    groups = expand_groups({g for s in strategies for g in s.groups}, lid_gates)
-    required = {c for s in strategies for c in s.metadata_columns}
-    if any(s.uses_clip_score for s in strategies):
-        required.add(cfg.clip.column)
-    skipped_files: dict[str, str] = {}
-    signal_summaries: list[dict] = []
-    keys = {}
-    if groups:
-        t = time.perf_counter()
-        keys = group_keys(groups, lid_model=cfg.lid_model, morphy_repeat_rules=cfg.morphy_repeat_rules,
-                          centroids=image_inputs.centroids_path if image_inputs else None)
-        spec = SignalsSpec(groups=groups, keys=keys, required_columns=tuple(sorted(required)),
-                           lid_model=str(cfg.lid_model) if cfg.lid_model else None, lid_gates=lid_gates,
+    models = ModelSettings(lid_model=str(cfg.lid_model) if cfg.lid_model else None,
                            morphy_repeat_rules=cfg.morphy_repeat_rules,
                            centroids=str(image_inputs.centroids_path) if image_inputs else None,
-                           device=device, skip_bad_files=cfg.skip_bad_files)
+                           target_ids=tuple(int(i) for i in image_inputs.target_ids) if image_inputs else None,
+                           device=device)
+    columns_read = sorted({c for s in specs.values() for c in s.columns()})
+    # Strategies that read only the pool's own score columns need no signals pass (nor Ray).
+    from_metadata = set(groups) == {"base"} and set(columns_read) <= set(SCORE_COLUMNS.values())
+    skipped_files: dict[str, str] = {}
+    signal_summaries: list[dict] = []
+    keys: dict[str, str] = {}
+    if not from_metadata:
+        t = time.perf_counter()
+        keys = group_keys(groups, models)
+        spec = SignalsSpec(groups=groups, keys=keys, required_columns=required_metadata(specs.values(), groups),
+                           models=models, gates=signals_needed(specs.values(), keys),
+                           skip_bad_files=cfg.skip_bad_files)
         executor = Executor(kind=cfg.executor, ray_address=cfg.ray_address, num_workers=cfg.num_workers,
                             use_gpu=device is not None and "centroid" in groups, helpers=cfg.helpers)
         signal_summaries = run_signals_pass(files, cfg.signals, spec, executor, progress=cfg.progress)
         skipped_files = {s["file"]: s["reason"] for s in signal_summaries if s["status"] == "skipped"}
         timings["signals_s"] = time.perf_counter() - t
 
-    # 2. the global step and 3. the queries, over one source of columns
-    clip_threshold = cfg.clip.threshold
-    base_params = QueryParams(clip=cfg.clip, clip_threshold=0.0 if clip_threshold is None else clip_threshold,
-                              target_ids=image_inputs.target_ids if image_inputs else None)
-    rules = {n: rules_for(n, base_params) for n in names}
-    columns = {"uid_hi", "uid_lo"} | {c for r in rules.values() for c in rule_columns(r)}
-    if "text" in groups:
-        columns.add("text_status")
-    if "centroid" in groups:
-        columns.add("image_embedding_missing")
-    columns = sorted(columns)
-    if groups:
-        source = TableSource(files, signals_reader(cfg.signals, columns, skipped_files))
-    else:  # nothing to compute: read the pool's own columns
-        source = TableSource(files, metadata_reader(columns, skipped_files, cfg.skip_bad_files))
-
-    threshold_info = None
-    if any(STRATEGIES[n].uses_clip_score for n in names) and cfg.clip.fraction is not None:
-        t = time.perf_counter()
-        clip_threshold, threshold_info = compute_threshold(source, cfg.clip.column, cfg.clip.fraction)
+    # 2. the global step (selection thresholds) and 3. the queries, over one source of columns
+    extra = [c for c in ("text_status", "image_embedding_missing") if c not in columns_read and
+             any(c in _group_columns(g) for g in groups)]
+    if from_metadata:
+        source = TableSource(files, metadata_reader(columns_read, skipped_files, cfg.skip_bad_files))
+    else:
+        source = TableSource(files, signals_reader(cfg.signals, ["uid_hi", "uid_lo", *columns_read, *extra],
+                                                   skipped_files))
+    t = time.perf_counter()
+    thresholds, selections = resolve_thresholds(source, specs)
+    if selections:
         timings["threshold_s"] = time.perf_counter() - t
-        _log(cfg, f"{cfg.clip.column}: the top {cfg.clip.fraction:g} of {threshold_info['rows']} rows "
-                  f"means score >= {threshold_info['threshold']:.6g}")
-    params = replace(base_params, clip_threshold=clip_threshold if clip_threshold is not None else 0.0)
-    rules = {n: rules_for(n, params) for n in names}
+        for n, info in selections.items():
+            if n in requested:
+                _log(cfg, f"{n}: {info['column']}: the top {info['fraction']:g} of {info['rows']} rows "
+                          f"({info['over']}) means score >= {info['threshold']:.6g}")
 
     t = time.perf_counter()
-    funnels = {n: Funnel(rules=tuple(r.name for r in rules[n])) for n in names}
-    kept: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    funnels = {n: Funnel(steps=s.steps) for n, s in specs.items()}
+    kept: dict[str, list[np.ndarray]] = {n: [] for n in requested}
     rows_read = 0
-    files_read = 0
     caption_counts = {"null": 0, "not_utf8": 0}
-    embeddings_missing = None  # rows whose l14_img is all zeros (no image), when it was read
+    embeddings_missing = None  # rows without an image embedding, when it was read
+    score_values = {c: 0 for c in columns_read if c in SCORE_COLUMNS.values()}  # non-missing scores
     files_seen = set()
     for path, table in source:
-        cols = Columns(table)
+        frame = signal_frame(table)
         rows_read += table.num_rows
         files_seen.add(path)
         if "text_status" in table.column_names:
-            status = cols["text_status"]
+            status = to_numpy(table.column("text_status"))
             caption_counts["null"] += int((status == 1).sum())
             caption_counts["not_utf8"] += int((status == 2).sum())
         if "image_embedding_missing" in table.column_names:
-            embeddings_missing = (embeddings_missing or 0) + int(cols["image_embedding_missing"].sum())
-        masks = {n: apply_rules(rules[n], cols, funnels[n]) for n in names}
-        rows = np.flatnonzero(np.logical_or.reduce(list(masks.values()))) if masks else np.empty(0, np.int64)
-        records = _uid_records(table, cols, rows, path)
-        for n in names:
+            embeddings_missing = (embeddings_missing or 0) + int(to_numpy(table.column("image_embedding_missing")).sum())
+        for c in score_values:
+            score_values[c] += len(frame) - frame.get_column(c).null_count()
+        masks = keep_masks(frame, specs, thresholds, funnels)
+        wanted = [masks[n] for n in requested]
+        rows = np.flatnonzero(np.logical_or.reduce(wanted)) if wanted else np.empty(0, np.int64)
+        records = _uid_records(table, rows, path)
+        for n in requested:
             kept[n].append(records[masks[n][rows]])
     files_read = len(files_seen)
     timings["query_s"] = time.perf_counter() - t
 
     # A score column that is empty everywhere is a pool that was never scored, not a subset:
     # an error, or with --strategy all a strategy skipped with its reason.
-    for n in list(names):
-        f = funnels[n]
-        present = [r for r in f.rules if r.endswith("_present")]
-        if present and f.rows and f.dropped[present[0]] == f.rows:
-            col = present[0][: -len("_present")]
-            why = (f"{col} is empty (null or NaN) in every row of {cfg.pool}, so strategy {n} would keep "
+    empty_scores = {c for c, count in score_values.items() if count == 0 and rows_read}
+    for n in list(requested):
+        empty = [c for c in score_columns_read(specs[n], specs) if c in empty_scores]
+        if empty:
+            why = (f"{empty[0]} is empty (null or NaN) in every row of {cfg.pool}, so strategy {n} would keep "
                    "nothing: score the pool first (`python -m pipeline.score`) or use a pool with CLIP scores")
             if not cfg.all_requested:
                 raise FilterError(why)
             skipped_strategies[n] = why
             _log(cfg, f"skipping {n}: {why}")
-            names.remove(n)
+            requested.remove(n)
 
     # outputs
     t = time.perf_counter()
     outputs = {}
-    for n in names:
+    for n in requested:
         path = cfg.out / f"{n}.npy"
         count = write_subset(path, kept[n])
         outputs[n] = {"path": str(path), "uids": count, "sha256": sha256_file(path)}
@@ -552,41 +654,47 @@ def _run(cfg: FilterConfig) -> dict:
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
-    stats = _stats(cfg, names, funnels, params, rows_read, files_read, files, skipped_files,
-                   caption_counts, threshold_info, skipped_strategies, outputs, embeddings_missing)
+    entries = {n: _strategy_record(specs, n, selections) for n in requested}
+    stats = _stats(cfg, requested, entries, funnels, rows_read, files_read, files, skipped_files, caption_counts,
+                   selections, skipped_strategies, outputs, embeddings_missing)
     _merge_write(cfg.out / "stats.json", stats)
-    manifest = _manifest(cfg, names, params, files, signal_summaries, keys, groups, image_inputs,
-                         threshold_info, outputs, timings, device)
+    manifest = _manifest(cfg, requested, entries, files, signal_summaries, keys, groups, models, image_inputs,
+                         selections, outputs, timings, device)
     _merge_write(cfg.out / "manifest.json", manifest)
     return stats
 
 
-def _parameters(name: str, p: QueryParams, threshold_info: dict | None) -> dict:
-    s = STRATEGIES[name]
-    out: dict = {"datacomp_name": s.datacomp_name}
-    if name == "basic":
-        out.update(language=asdict(p.language), caption=asdict(p.caption_length), image=asdict(p.image_size))
-    elif name == "text":
-        out.update(language=asdict(p.language))
-    elif name == "laion":
-        out.update(asdict(p.laion))
-    if s.uses_clip_score:
-        out.update(arch=p.clip.arch, column=p.clip.column, fraction=p.clip.fraction,
-                   threshold=float(p.clip_threshold))
-    if s.needs_centroids:
-        out.update(language=asdict(p.language), caption_prefilter=asdict(p.caption_prefilter),
-                   target_centroids=int(len(p.target_ids)))
+def _group_columns(group: str) -> tuple[str, ...]:
+    from pipeline.signals import SIGNAL_GROUPS
+
+    return SIGNAL_GROUPS[group].column_names
+
+
+def _strategy_record(specs: Mapping[str, StrategySpec], name: str, selections: Mapping[str, dict]) -> dict:
+    """What stats.json and manifest.json say of one strategy: its spec (and the specs it
+    intersects), the spec's hash, and the resolved threshold of every selection involved."""
+    spec = specs[name]
+    out: dict = {"description": spec.description, "datacomp_name": spec.datacomp_name, "source": spec.source,
+                 "spec": spec.as_dict(), "spec_hash": spec.hash}
+    members = _members(name, specs)
+    if members:
+        out["members"] = {m: specs[m].as_dict() for m in members}
+    resolved = {n: selections[n] for n in [name, *members] if n in selections}
+    resolved.update({n: {"column": specs[n].select.score, "threshold": specs[n].select.threshold}
+                     for n in [name, *members] if specs[n].select is not None and n not in resolved})
+    if resolved:
+        out["selections"] = resolved
     return out
 
 
-def _stats(cfg, names, funnels, params, rows_read, files_read, files, skipped_files, caption_counts,
-           threshold_info, skipped_strategies, outputs, embeddings_missing=None) -> dict:
+def _stats(cfg, names, entries, funnels, rows_read, files_read, files, skipped_files, caption_counts,
+           selections, skipped_strategies, outputs, embeddings_missing=None) -> dict:
     strategies = {}
     for n in names:
         f = funnels[n].as_dict()
         assert f["rows"] == f["kept"] + sum(f["dropped"].values()), n  # every row accounted for
-        strategies[n] = {"description": STRATEGIES[n].description, **_parameters(n, params, threshold_info),
-                         **f, "output": outputs[n]["path"]}
+        strategies[n] = {**entries[n], **f, "output": outputs[n]["path"]}
+    pool_selection = next((info for info in selections.values() if info["over"] == "pool"), None)
     return {
         "pool": str(cfg.pool),
         "metadata_files": len(files),
@@ -596,15 +704,16 @@ def _stats(cfg, names, funnels, params, rows_read, files_read, files, skipped_fi
         "captions_unreadable": caption_counts,
         # rows whose l14_img is all zeros (no image: never near a centroid); null when not read
         "image_embeddings_missing": embeddings_missing,
-        "fraction_threshold": threshold_info,
+        "fraction_threshold": pool_selection,  # the first selection over the whole pool (clip's)
         "strategies": strategies,
         "strategies_skipped": skipped_strategies,
     }
 
 
-def _manifest(cfg, names, params, files, signal_summaries, keys, groups, image_inputs, threshold_info,
+def _manifest(cfg, names, entries, files, signal_summaries, keys, groups, models, image_inputs, selections,
               outputs, timings, device) -> dict:
-    from pipeline.models import package_versions, resolve_lid_model
+    from pipeline.models import MODELS, package_versions, resolve_lid_model
+    from pipeline.signals import SIGNAL_GROUPS
 
     by_file = {s["file"]: s for s in signal_summaries}
     inputs = []
@@ -615,34 +724,31 @@ def _manifest(cfg, names, params, files, signal_summaries, keys, groups, image_i
             entry["rows"] = by_file[p.name].get("rows")
             entry["signals"] = by_file[p.name]["status"]
         inputs.append(entry)
-    models = {}
-    if "fasttext" in groups:
-        lid = resolve_lid_model(cfg.lid_model)
-        models["fasttext_lid"] = {"path": str(lid), "key": keys.get("fasttext")}
-    if "entity" in groups:
-        models["wordnet"] = {"key": keys["entity"]}
-    if "cld3" in groups:
-        models["cld3"] = {"key": keys["cld3"]}
+    used = [m for g in (groups if keys else ()) for m in SIGNAL_GROUPS[g].models]
+    described = {}
+    for m in dict.fromkeys(used):
+        described[m] = {"meaning": MODELS[m].meaning, "fingerprint": MODELS[m].fingerprint(models)}
+    if "fasttext" in described:
+        described["fasttext"]["path"] = str(resolve_lid_model(cfg.lid_model))
     if image_inputs is not None:
-        models["centroids"] = {"path": str(image_inputs.centroids_path), "key": keys.get("centroid"),
-                               "shape": list(image_inputs.centroids.shape)}
-        models["targets"] = image_inputs.targets
+        described.setdefault("centroids", {}).update(path=str(image_inputs.centroids_path),
+                                                     shape=list(image_inputs.centroids.shape))
+        described["targets"] = image_inputs.targets
     return {
         "command": ["python", "-m", "pipeline.filter", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("filter.py") else None,
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "pool": {"path": str(cfg.pool), "metadata_files": len(files), "inputs": inputs},
-        "signals": {"dir": str(cfg.signals), "groups": list(groups), "keys": keys,
+        "signals": {"dir": str(cfg.signals), "groups": list(groups) if keys else [], "keys": keys,
                     "files_computed": sum(s["status"] == "computed" for s in signal_summaries),
                     "files_reused": sum(s["status"] == "reused" for s in signal_summaries),
                     "files_skipped": sum(s["status"] == "skipped" for s in signal_summaries),
                     "computed_by": dict(sorted(Counter(s.get("by", "?") for s in signal_summaries
                                                        if s["status"] == "computed").items())),
                     "cpu_seconds": round(sum(s.get("cpu_seconds", 0.0) for s in signal_summaries), 3)},
-        "models": models,
-        "fraction_threshold": threshold_info,
-        "strategies": {n: {**_parameters(n, params, threshold_info), "output": outputs[n]} for n in names},
+        "models": described,
+        "strategies": {n: {**entries[n], "output": outputs[n]} for n in names},
         "device": device or "cpu",
-        "executor": {"kind": cfg.executor if groups else "in-process (no signals to compute)",
+        "executor": {"kind": cfg.executor if keys else "in-process (no signals to compute)",
                      "ray_address": cfg.ray_address, "num_workers": cfg.num_workers},
         "versions": {"python": platform.python_version(), **package_versions()},
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -657,7 +763,8 @@ def _merge_write(path: Path, record: dict) -> None:
         except ValueError:
             old = {}
         merged = {**old.get("strategies", {}), **record["strategies"]}
-        record = {**record, "strategies": {k: merged[k] for k in [*STRATEGIES] if k in merged}}
+        order = [*[k for k in STRATEGIES if k in merged], *[k for k in merged if k not in STRATEGIES]]
+        record = {**record, "strategies": {k: merged[k] for k in order}}
     write_json_atomic(path, record)
 
 
@@ -665,12 +772,15 @@ def _merge_write(path: Path, record: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.filter",
-        description="Write DataComp's baseline subsets of a pool as uid files (.npy, u8,u8), exactly "
-                    "as DataComp's baselines.py selects them, from one shared signals pass on Ray.",
+        description="Write subsets of a pool as uid files (.npy, u8,u8): DataComp's baselines exactly as "
+                    "its baselines.py selects them, and your own strategies (.toml specs), from one shared "
+                    "signals pass on Ray.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  python -m pools.synth --out data/tiny --random-scores\n"
                "  python -m pipeline.filter --pool data/tiny --strategy all --out runs/filter\n"
+               "  python -m pipeline.filter --pool data/tiny --strategy clip mine.toml --out runs/filter\n"
+               "  python -m pipeline.filter --list-signals\n"
                "  python -m pipeline.filter --scale small --strategy clip --arch b32 --threshold 0.3 --out subsets\n"
                "  python -m pipeline.filter --pool P --strategy image --centroids C.npy "
                "--targets in1k_clip_vit_l14_{0,1,2,3,4}.pt --out subsets\n")
@@ -682,11 +792,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", type=Path, default=None,
                    help=f"folder holding one pool per scale (default ${DATA_ROOT_ENV} or ./data)")
     g = parser.add_argument_group("strategies")
-    g.add_argument("--strategy", nargs="+", default=["all"], metavar="NAME",
-                   help=f"one or more of {', '.join(STRATEGIES)}, or all (default); DataComp's names "
-                        f"({', '.join(ALIASES)}) work too")
-    g.add_argument("--arch", choices=list(SCORE_COLUMNS), default="l14",
-                   help="CLIP score for clip and image_clip (default %(default)s, as DataComp's baselines)")
+    g.add_argument("--strategy", nargs="+", default=["all"], metavar="NAME_OR_FILE",
+                   help=f"one or more of {', '.join(STRATEGIES)}, all (default: the built-ins), or strategy "
+                        f"files (.toml, see pipeline/specs/); DataComp's names ({', '.join(ALIASES)}) work too")
+    g.add_argument("--list-signals", action="store_true",
+                   help="print every signal column a rule can name (group, type, meaning) and exit")
+    g.add_argument("--arch", choices=list(SCORE_COLUMNS),
+                   help="CLIP score for clip and image_clip (default l14, as DataComp's baselines); sets the "
+                        "parameter arch of every spec that declares it")
     ex = g.add_mutually_exclusive_group()
     ex.add_argument("--fraction", type=float, help="keep the top fraction of the whole pool by CLIP score "
                     "(default 0.3 when --threshold is not given): score >= the (int(N*f)+1)-th largest")
@@ -706,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WordNet lemmatiser behaviour for the text filter: NLTK 3.8.1's, as DataComp ran "
                         "(default), or the installed NLTK's (one round of suffix rules)")
     g = parser.add_argument_group("output")
-    g.add_argument("--out", type=Path, required=True, help="folder for <strategy>.npy, stats.json, manifest.json")
+    g.add_argument("--out", type=Path, help="folder for <strategy>.npy, stats.json, manifest.json")
     g.add_argument("--signals-dir", type=Path, help="where the pool's per-file signals are stored and "
                    "reused (default <pool>/signals, or <out>/signals when the pool is read-only)")
     g.add_argument("--on-bad-file", choices=["error", "skip"], default="error",
@@ -729,21 +842,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> FilterConfig:
     pool = args.pool if args.pool is not None else default_pool(args.scale, args.data_root)
-    clip = ClipScore(arch=args.arch, threshold=args.threshold,
-                     fraction=None if args.threshold is not None else (0.3 if args.fraction is None else args.fraction))
     get_scale(args.scale)
+    if args.fraction is not None and not 0.0 <= args.fraction < 1.0:
+        raise ValueError(f"--fraction must be in [0, 1), got {args.fraction} (DataComp's fraction indexes the "
+                         "(int(N*f)+1)-th largest score, so 1 has none)")
+    if args.threshold is not None and args.threshold != args.threshold:
+        raise ValueError("--threshold must be a number, not NaN")
     return FilterConfig(
-        pool=pool, scale=args.scale, strategies=tuple(resolve_strategy_names(args.strategy)), out=args.out,
-        signals_dir=args.signals_dir, clip=clip, centroids=args.centroids, targets=tuple(args.targets),
+        pool=pool, scale=args.scale, strategies=tuple(args.strategy), out=args.out,
+        signals_dir=args.signals_dir, arch=args.arch, fraction=args.fraction, threshold=args.threshold,
+        centroids=args.centroids, targets=tuple(args.targets),
         targets_model=args.targets_model, targets_pretrained=args.targets_pretrained, lid_model=args.lid_model,
         morphy_repeat_rules=args.nltk_morphy == "3.8.1", executor=args.executor, ray_address=args.ray_address,
-        num_workers=max(1, args.num_workers), helpers=args.helpers, device=args.device, skip_bad_files=args.on_bad_file == "skip",
-        all_requested="all" in args.strategy, progress=not args.quiet)
+        num_workers=max(1, args.num_workers), helpers=args.helpers, device=args.device,
+        skip_bad_files=args.on_bad_file == "skip", all_requested="all" in args.strategy, progress=not args.quiet)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_signals:
+        from pipeline.signals import list_signals
+
+        print(list_signals())
+        return {}
+    if args.out is None:
+        parser.error("--out is required")
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
@@ -753,7 +877,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         return run(cfg)
-    except (FilterError, PoolFormatError, ModelInputError, SignalsError) as exc:
+    except (FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError) as exc:
         if argv is not None:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -250,3 +251,90 @@ def cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+# --- the model registry: what a signal group's `models` names ---------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """The run's choices of model files and settings; picklable, sent to every worker."""
+
+    lid_model: str | None = None  # fastText model (default: the bundled lid.176.ftz)
+    morphy_repeat_rules: bool = True  # NLTK 3.8.1's lemmatiser (DataComp's)
+    centroids: str | None = None  # pool centroids file for the image-based rule
+    target_ids: tuple[int, ...] | None = None  # centroids nearest to a target embedding
+    device: str | None = None  # "cuda[:i]" for centroid assignment; None: CPU
+
+
+class MemoLabeler:
+    """A text -> label model call remembered across files (captions repeat within and across
+    the files of a pool). Bounded: the memo is dropped when it holds `max_entries` texts."""
+
+    def __init__(self, top1, max_entries: int = 500_000):
+        self._top1 = top1
+        self._memo: dict[str, str] = {}
+        self._max = max_entries
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        memo = self._memo
+        todo = [t for t in texts if t not in memo]
+        if todo:
+            if len(memo) + len(todo) > self._max:
+                memo.clear()
+            memo.update(zip(todo, self._top1(todo)))
+        return [memo[t] for t in texts]
+
+
+@dataclass(frozen=True)
+class CentroidAssigner:
+    """Embeddings -> index of the nearest pool centroid by inner product (exact argmax)."""
+
+    centroids: np.ndarray
+    device: str | None = None
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        from filters.image_based import nearest_centroid
+
+        return nearest_centroid(embeddings, self.centroids, device=self.device)
+
+
+def _needs(value, what: str, flag: str):
+    if value is None:
+        raise ModelInputError(f"the {what} is not set: pass {flag}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How a worker builds a model from the run's settings, and the model's identity (part of
+    the reuse key of every signal group computed with it)."""
+
+    load: Callable[[ModelSettings], object]
+    fingerprint: Callable[[ModelSettings], str]
+    meaning: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "fasttext": ModelEntry(
+        load=lambda s: MemoLabeler(FastTextLanguageID(resolve_lid_model(s.lid_model)).top1),
+        fingerprint=lambda s: file_fingerprint(resolve_lid_model(s.lid_model))[:16],
+        meaning="fastText lid.176 top-1 language label (--lid-model)"),
+    "cld3": ModelEntry(
+        load=lambda s: MemoLabeler(Cld3LanguageID(0, 1000).top1),
+        fingerprint=lambda s: "gcld3/min=0/max=1000",
+        meaning="CLD3 language label, as DataComp's LAION-2B filter builds it"),
+    "wordnet": ModelEntry(
+        load=lambda s: build_entity_lookup(s.morphy_repeat_rules),
+        fingerprint=lambda s: (f"wordnet={wordnet_fingerprint()}/ids={entity_ids_fingerprint()}"
+                               f"/repeat_rules={int(s.morphy_repeat_rules)}"),
+        meaning="WordNet 3.0 first synsets and the ImageNet-21k ids (--nltk-morphy)"),
+    "centroids": ModelEntry(
+        load=lambda s: CentroidAssigner(load_centroids(_needs(s.centroids, "centroids file", "--centroids")),
+                                        s.device),
+        fingerprint=lambda s: file_fingerprint(_needs(s.centroids, "centroids file", "--centroids"))[:16],
+        meaning="the pool's k-means centroids of l14_img (--centroids)"),
+    "target_centroids": ModelEntry(
+        load=lambda s: np.asarray(_needs(s.target_ids, "target centroids", "--targets"), dtype=np.int64),
+        fingerprint=lambda s: hashlib.sha256(np.asarray(_needs(s.target_ids, "target centroids", "--targets"),
+                                                        dtype=np.int64).tobytes()).hexdigest()[:16],
+        meaning="the centroids nearest to a target embedding (--targets with --centroids)"),
+}

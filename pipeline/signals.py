@@ -1,95 +1,261 @@
-"""The signals pass: every per-row quantity a DataComp rule looks at, computed once per pool.
+"""The signal registry, and the signals of one metadata file: every per-row quantity a rule reads.
+
+Each signal group is declared once, as a `SignalGroup`: its columns (name, type, meaning),
+what it reads (metadata columns, npz keys, models from `pipeline.models.MODELS`, columns of
+earlier groups), its version, and the pure function in ``filters/`` that computes it. Every
+thing else derives from the declarations: which groups a strategy needs (the columns its
+rules name), the order they are computed in (registry order), the reuse keys, the metadata
+columns a run must read, ``pipeline.filter --list-signals``. Adding a signal is one
+`register_signal` call plus one function.
+
+A *gated* group (a model label: WordNet, fastText, CLD3, nearest centroid) is computed only
+on the rows that pass every cheaper rule of some strategy that reads it (its gates, derived
+by `pipeline.strategies.signals_needed`); other rows hold null. The groups:
+
+{table}
 
 One signals file per metadata file, ``<signals>/<stem>.parquet``, one row per pool row in the
-same order, holding the columns of the signal groups computed so far:
+same order. Its schema metadata records the source files' fingerprints and, per group, a key
+made of the group's version and the identity of the models it uses; per gated group, the
+gates it covers. A rerun reuses every group whose key still matches, fills in a gated group
+where a new gate needs rows it lacks, and recomputes the rest; files are written under a
+temporary name and renamed, so a killed run leaves either the old file or the new one.
 
-=========  ===========================================================================  =========
-group      columns                                                                      needs
-=========  ===========================================================================  =========
-base       uid_hi, uid_lo (DataComp's u8,u8), file, row, clip_b32_similarity_score,     parquet
-           clip_l14_similarity_score (copied), min_side, aspect_ratio
-text       text_status (0 ok, 1 null, 2 not UTF-8), caption_words                      parquet
-           (``len(text.split())``), caption_chars (``len(text)``), fasttext_tokens
-           (``len(fasttext.tokenize(text))``)
-entity     imagenet21k_entity (some word's first WordNet synset is an IN-21k class)     WordNet
-cld3       cld3_lang (CLD3 label; computed only where the B/32 score >= 0.28, the      CLD3
-           only rows LAION-2B can keep; null elsewhere)
-fasttext   fasttext_lang (fastText's top-1 label), computed on the rows that pass the   fastText
-           other rules of a requested strategy (its "gate"), null elsewhere
-centroid   nearest_centroid (pool centroid with the largest inner product with          npz,
-           ``l14_img``; computed where the caption pre-filter passes and the row has    centroids
-           an image embedding, -1 elsewhere), image_embedding_missing (``l14_img``
-           is all zeros: the sample had no image, see `pipeline.score`)
-=========  ===========================================================================  =========
-
-The parquet's schema metadata records the source file's fingerprint and, per group, a key
-made of the group's version and the fingerprints of what it depends on (models, WordNet,
-centroids, npz). A rerun reuses every group whose key still matches and computes only the
-rest; files are written under a temporary name and renamed, so a killed run leaves either
-the old file or the new one. Models run once per distinct caption in a file, not per row.
-
-The unit of work is one metadata file, done by a `SignalsWorker` (which loads fastText, CLD3
-and WordNet once); `pipeline.execution` runs the workers, on Ray or in this process.
+The unit of work is one metadata file, done by a `SignalsWorker` (which loads each model once);
+`pipeline.execution` runs the workers, `pipeline.signals_pass` drives the pass.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from filters.arrays import to_numpy
-from filters.image_based import NO_CENTROID, missing_embedding_mask, nearest_centroid
-from filters.image_size import ImageSize, aspect_ratio, image_size_mask, min_side
-from filters.language import language_id_input, language_mask
-from filters.laion import Laion2B, cld3_needed
-from filters.text import (CaptionLength, CaptionPrefilter, TextStatus, caption_array, caption_length_mask,
-                          caption_prefilter_mask, char_count, fasttext_token_count, readable_captions,
-                          text_status, whitespace_word_count)
+from filters.arrays import from_numpy, to_numpy
+from filters.entity import entity_signals
+from filters.expressions import all_pass, rule_columns, signal_frame
+from filters.image_based import centroid_signals, embedding_signals, target_centroid_signals
+from filters.image_size import size_signals
+from filters.language import cld3_signals, fasttext_signals
+from filters.rows import row_signals
+from filters.text import caption_signals
+from pipeline.models import MODELS, ModelSettings
 from pools.files import atomic_path, file_fingerprint
 from pools.format import SCORE_COLUMNS, Pool, PoolFormatError, load_npz, validate_metadata_schema
-from pools.uids import uids_to_records
 
-if TYPE_CHECKING:
-    from pipeline.execution import Executor
-
-SIGNALS_FORMAT_VERSION = 1
+SIGNALS_FORMAT_VERSION = 2
 METADATA_KEY = b"datacomp_signals"
 
-# Bump a group's version whenever what it computes changes: stored signals are then recomputed.
-GROUP_VERSIONS = {"base": 1, "text": 1, "entity": 1, "cld3": 1, "fasttext": 2, "centroid": 2}
-GROUP_COLUMNS: dict[str, tuple[str, ...]] = {
-    "base": ("uid_hi", "uid_lo", "file", "row", *SCORE_COLUMNS.values(), "min_side", "aspect_ratio"),
-    "text": ("text_status", "caption_words", "caption_chars", "fasttext_tokens"),
-    "entity": ("imagenet21k_entity",),
-    "cld3": ("cld3_lang",),
-    "fasttext": ("fasttext_lang",),
-    "centroid": ("nearest_centroid", "image_embedding_missing"),
-}
-GROUP_ORDER = tuple(GROUP_COLUMNS)  # also the order they are computed in
-# Signal groups that other groups are computed from. fastText labels are a function of the
-# caption alone; which rows get one (the gates) is tracked separately, see `lid_gate_tokens`.
-GROUP_DEPENDS = {"base": (), "text": ("base",), "entity": ("text",), "cld3": ("base",),
-                 "fasttext": ("base", "text"), "centroid": ("text", "fasttext")}
-# fastText gates: the rows of a strategy that pass every one of its rules except English.
-LID_GATES = {"basic": ("base", "text"), "text": ("text", "entity"), "prefilter": ("text",)}
-# Metadata columns each group reads (beyond what earlier groups stored).
-GROUP_SOURCE_COLUMNS = {"base": ("uid",), "text": ("text",), "fasttext": ("text",), "entity": ("text",),
-                        "cld3": ("text",), "centroid": ()}
-OPTIONAL_BASE_COLUMNS = ("original_width", "original_height", *SCORE_COLUMNS.values())
+# Column types as the rules see them (Polars types); "label" is a dictionary-encoded string.
+COLUMN_TYPES = {"uint8": pl.UInt8, "int32": pl.Int32, "uint64": pl.UInt64, "float32": pl.Float32,
+                "float64": pl.Float64, "bool": pl.Boolean, "label": pl.Categorical}
 
 
 class SignalsError(RuntimeError):
     """The signals pass failed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SignalColumn:
+    name: str
+    type: str  # a key of COLUMN_TYPES
+    meaning: str
+    reads: tuple[str, ...] = ()  # metadata columns a strategy naming this column needs in the pool
+
+    def __post_init__(self) -> None:
+        if self.type not in COLUMN_TYPES:
+            raise ValueError(f"signal column {self.name}: type must be one of {', '.join(COLUMN_TYPES)}")
+
+
+@dataclass(frozen=True)
+class SignalGroup:
+    """One signal group: columns computed together by one function from declared inputs.
+
+    `compute` is called with keyword arguments named after its inputs: each metadata column
+    of `reads` (an Arrow column; `optional_reads` are None when the file lacks them), each npz
+    key, each model (as `pipeline.models.MODELS` builds it), each signal column of `signals`,
+    and ``file_name`` when `wants_file_name`. It returns {column: values} for every declared
+    column, one value per input row, and raises ValueError (with the column) on bad input.
+    A gated group's function is called on the gated rows only.
+    """
+
+    name: str
+    version: int
+    columns: tuple[SignalColumn, ...]
+    compute: Callable[..., Mapping[str, object]]
+    reads: tuple[str, ...] = ()
+    optional_reads: tuple[str, ...] = ()
+    npz_keys: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    signals: tuple[str, ...] = ()
+    cost: int = 0  # cheaper groups' rules gate the costlier ones
+    gated: bool = False
+    wants_file_name: bool = False
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+SIGNAL_GROUPS: dict[str, SignalGroup] = {}
+
+
+def register_signal(group: SignalGroup) -> SignalGroup:
+    """Add `group` to the registry (after the groups it reads); returns it."""
+    known = {c: g.name for g in SIGNAL_GROUPS.values() for c in g.column_names}
+    if group.name in SIGNAL_GROUPS:
+        raise ValueError(f"signal group {group.name!r} is already registered")
+    clash = [c for c in group.column_names if c in known]
+    if clash:
+        raise ValueError(f"signal group {group.name!r}: column(s) {', '.join(clash)} already belong to "
+                         f"{', '.join(sorted({known[c] for c in clash}))}")
+    unknown = [c for c in group.signals if c not in known]
+    if unknown:
+        raise ValueError(f"signal group {group.name!r} reads {', '.join(unknown)}, which no earlier group computes")
+    bad_models = [m for m in group.models if m not in MODELS]
+    if bad_models:
+        raise ValueError(f"signal group {group.name!r}: unknown model(s) {', '.join(bad_models)}; "
+                         f"known: {', '.join(MODELS)}")
+    SIGNAL_GROUPS[group.name] = group
+    return group
+
+
+def unregister_signal(name: str) -> None:
+    """Remove a group (tests that register a toy signal clean up with this)."""
+    dependants = [g.name for g in SIGNAL_GROUPS.values() if name in group_dependencies(g)]
+    if dependants:
+        raise ValueError(f"signal group {name!r} is read by {', '.join(dependants)}")
+    SIGNAL_GROUPS.pop(name)
+
+
+_S = SignalColumn
+register_signal(SignalGroup(
+    name="base", version=1, compute=row_signals, reads=("uid",), optional_reads=tuple(SCORE_COLUMNS.values()),
+    wants_file_name=True, columns=(
+        _S("uid_hi", "uint64", "upper 64 bits of the uid (DataComp's u8,u8 record)"),
+        _S("uid_lo", "uint64", "lower 64 bits of the uid"),
+        _S("file", "label", "the metadata file the row is in"),
+        _S("row", "int32", "the row's position in its metadata file"),
+        _S("clip_b32_similarity_score", "float32", "OpenAI CLIP B/32 image-text cosine similarity (from the pool)",
+           reads=("clip_b32_similarity_score",)),
+        _S("clip_l14_similarity_score", "float32", "OpenAI CLIP L/14 image-text cosine similarity (from the pool)",
+           reads=("clip_l14_similarity_score",)))))
+register_signal(SignalGroup(
+    name="size", version=1, compute=size_signals, reads=("original_width", "original_height"), columns=(
+        _S("min_side", "float64", "shorter side of the original image in pixels (null if a side is missing)"),
+        _S("aspect_ratio", "float64", "longer side / shorter side of the original image (x/0 is inf)"))))
+register_signal(SignalGroup(
+    name="text", version=1, compute=caption_signals, reads=("text",), columns=(
+        _S("text_status", "uint8", "0: caption readable, 1: null, 2: not valid UTF-8"),
+        _S("caption_words", "int32", "len(text.split()): words between Unicode whitespace"),
+        _S("caption_chars", "int32", "len(text): Unicode code points"),
+        _S("fasttext_tokens", "int32", "len(fasttext.tokenize(text)): ASCII-whitespace tokens, plus one per newline"))))
+register_signal(SignalGroup(
+    name="image_embedding", version=1, compute=embedding_signals, npz_keys=("l14_img",), cost=4, columns=(
+        _S("image_embedding_missing", "bool",
+           "l14_img is all zeros, NaN or infinite: no image embedding (pipeline.score found no image)"),)))
+register_signal(SignalGroup(
+    name="entity", version=1, compute=entity_signals, reads=("text",), models=("wordnet",), cost=1, gated=True,
+    columns=(_S("imagenet21k_entity", "bool",
+                "some caption word's first WordNet synset is an ImageNet-21k class (DataComp's text filter)"),)))
+register_signal(SignalGroup(
+    name="fasttext", version=1, compute=fasttext_signals, reads=("text",), models=("fasttext",), cost=2, gated=True,
+    columns=(_S("fasttext_lang", "label", "fastText lid.176 top-1 language of the caption, newlines as spaces"),)))
+register_signal(SignalGroup(
+    name="cld3", version=1, compute=cld3_signals, reads=("text",), models=("cld3",), cost=3, gated=True,
+    columns=(_S("cld3_lang", "label", "CLD3 language of the caption (DataComp's LAION-2B filter)"),)))
+register_signal(SignalGroup(
+    name="centroid", version=1, compute=centroid_signals, npz_keys=("l14_img",), models=("centroids",), cost=4,
+    gated=True, columns=(_S("nearest_centroid", "int32",
+                            "pool centroid with the largest inner product with l14_img (-1: no embedding)"),)))
+register_signal(SignalGroup(
+    name="target_centroid", version=1, compute=target_centroid_signals, signals=("nearest_centroid",),
+    models=("target_centroids",), cost=5, columns=(
+        _S("nearest_centroid_in_targets", "bool",
+           "the row's nearest centroid is nearest to some target embedding (DataComp's image-based rule)"),)))
+del _S
+
+
+# --- what derives from the declarations --------------------------------------------------------
+def column_groups() -> dict[str, str]:
+    """Signal column -> the group that computes it, in registry order."""
+    return {c: g.name for g in SIGNAL_GROUPS.values() for c in g.column_names}
+
+
+def signal_schema() -> dict[str, pl.DataType]:
+    """Every signal column's type as the rules see it."""
+    return {c.name: COLUMN_TYPES[c.type] for g in SIGNAL_GROUPS.values() for c in g.columns}
+
+
+def group_dependencies(group: SignalGroup) -> tuple[str, ...]:
+    owners = column_groups()
+    return tuple(dict.fromkeys(owners[c] for c in group.signals))
+
+
+def expand_groups(groups: Iterable[str]) -> tuple[str, ...]:
+    """`groups`, base and the groups they read, in registry (= computation) order."""
+    wanted: set[str] = set()
+    stack = ["base", *groups]
+    while stack:
+        g = stack.pop()
+        if g not in SIGNAL_GROUPS:
+            raise ValueError(f"unknown signal group {g!r}; known: {', '.join(SIGNAL_GROUPS)}")
+        if g not in wanted:
+            wanted.add(g)
+            stack.extend(group_dependencies(SIGNAL_GROUPS[g]))
+    return tuple(g for g in SIGNAL_GROUPS if g in wanted)
+
+
+def group_keys(groups: Sequence[str], models: ModelSettings) -> dict[str, str]:
+    """The reuse key of each group: its version plus the identity of every model it uses."""
+    return {g: "/".join([f"{g}/v{SIGNAL_GROUPS[g].version}",
+                         *(f"{m}={MODELS[m].fingerprint(models)}" for m in SIGNAL_GROUPS[g].models)])
+            for g in groups}
+
+
+def list_signals() -> str:
+    """Every signal column with its group and meaning, as ``--list-signals`` prints it."""
+    width = max(len(c.name) for g in SIGNAL_GROUPS.values() for c in g.columns)
+    lines = []
+    for g in SIGNAL_GROUPS.values():
+        inputs = [*g.reads, *(f"npz:{k}" for k in g.npz_keys), *(f"model:{m}" for m in g.models), *g.signals]
+        lines.append(f"[{g.name}] v{g.version}{' (gated: computed where cheaper rules pass)' if g.gated else ''}"
+                     f" reads {', '.join(inputs) or 'nothing'}")
+        for c in g.columns:
+            lines.append(f"  {c.name:<{width}}  {c.type:<7}  {c.meaning}")
+    return "\n".join(lines)
+
+
+def _group_table() -> str:
+    rows = [(g.name, ", ".join(g.column_names), ", ".join([*g.reads, *g.npz_keys, *g.models, *g.signals]))
+            for g in SIGNAL_GROUPS.values()]
+    return "\n".join(f"- {name}: {cols} (reads {reads or '-'})" for name, cols, reads in rows)
+
+
+__doc__ = __doc__.replace("{table}", _group_table())
+
+
+# --- what the workers are sent ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gate:
+    """Rows that pass every one of `rules` (SQL expressions over cheaper signal columns).
+    `token` identifies the gate in a signals header: the rules plus the keys of the groups
+    they read, so a gate over recomputed signals is not taken as covered."""
+
+    token: str
+    rules: tuple[str, ...]
+
+
+EVERY_ROW = Gate(token="*", rules=())
 
 
 @dataclass(frozen=True)
@@ -99,62 +265,12 @@ class SignalsSpec:
     groups: tuple[str, ...]
     keys: dict[str, str]  # group -> key that a stored group must match to be reused
     required_columns: tuple[str, ...]  # metadata columns the strategies need, checked per file
-    lid_model: str | None = None
-    morphy_repeat_rules: bool = True
-    centroids: str | None = None
-    device: str | None = None
+    models: ModelSettings = field(default_factory=ModelSettings)
+    gates: dict[str, tuple[Gate, ...]] = field(default_factory=dict)  # gated group -> rows it needs
     skip_bad_files: bool = False
-    lid_gates: tuple[str, ...] = ()  # which rows get a fastText label (names in LID_GATES)
-    laion: Laion2B = field(default_factory=Laion2B)
-    caption_length: CaptionLength = field(default_factory=CaptionLength)
-    image_size: ImageSize = field(default_factory=ImageSize)
-    caption_prefilter: CaptionPrefilter = field(default_factory=CaptionPrefilter)
 
-
-def lid_gate_tokens(spec: SignalsSpec) -> list[str]:
-    """The gates as stored in a header: name plus the keys of the groups the gate reads, so a
-    gate computed from other signals (e.g. another WordNet) does not count as covered."""
-    return sorted(f"{g}|" + "|".join(spec.keys.get(d, "?") for d in LID_GATES[g]) for g in spec.lid_gates)
-
-
-def expand_groups(groups: Iterable[str], lid_gates: Iterable[str] = ()) -> tuple[str, ...]:
-    """`groups` plus the groups they (and the fastText gates) are computed from, in order."""
-    wanted = set()
-    stack = list(groups) + [d for g in lid_gates for d in LID_GATES[g]]
-    while stack:
-        g = stack.pop()
-        if g not in GROUP_COLUMNS:
-            raise ValueError(f"unknown signal group {g!r}")
-        if g not in wanted:
-            wanted.add(g)
-            stack.extend(GROUP_DEPENDS[g])
-    return tuple(g for g in GROUP_ORDER if g in wanted)
-
-
-def group_keys(groups: Sequence[str], *, lid_model: Path | None, morphy_repeat_rules: bool,
-               centroids: Path | None, laion: Laion2B = Laion2B(),
-               caption_prefilter: CaptionPrefilter = CaptionPrefilter()) -> dict[str, str]:
-    """The reuse key of each group: its version plus fingerprints of its inputs."""
-    from pipeline import models
-
-    keys: dict[str, str] = {}
-    for g in groups:
-        k = f"{g}/v{GROUP_VERSIONS[g]}"
-        if g in ("fasttext", "centroid"):
-            k += f"/lid={file_fingerprint(models.resolve_lid_model(lid_model))[:16]}"
-        if g == "entity":
-            k += (f"/wordnet={models.wordnet_fingerprint()}/ids={models.entity_ids_fingerprint()}"
-                  f"/repeat_rules={int(morphy_repeat_rules)}")
-        if g == "cld3":
-            k += (f"/min={laion.cld3.min_num_bytes}/max={laion.cld3.max_num_bytes}"
-                  f"/gate_b32>={laion.min_b32_score!r}")
-        if g == "centroid":
-            if centroids is None:
-                raise ValueError("the centroid signal needs a centroids file")
-            k += (f"/centroids={file_fingerprint(centroids)[:16]}/prefilter="
-                  f"{caption_prefilter.min_tokens},{caption_prefilter.min_chars}")
-        keys[g] = k
-    return keys
+    def gates_of(self, group: str) -> tuple[Gate, ...]:
+        return self.gates.get(group) or (EVERY_ROW,)
 
 
 def signals_path(signals_dir: Path, parquet: Path) -> Path:
@@ -162,7 +278,7 @@ def signals_path(signals_dir: Path, parquet: Path) -> Path:
 
 
 def read_signals_header(path: Path) -> dict | None:
-    """The stored header of a signals file (source fingerprint, rows, group keys), or None."""
+    """The stored header of a signals file (source fingerprints, rows, group keys, gates), or None."""
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception:
@@ -177,135 +293,100 @@ def read_signals_header(path: Path) -> dict | None:
     return header if header.get("format") == SIGNALS_FORMAT_VERSION else None
 
 
+def _uses_npz(groups: Iterable[str]) -> bool:
+    return any(SIGNAL_GROUPS[g].npz_keys for g in groups)
+
+
 def source_fingerprints(parquet: Path, groups: Sequence[str]) -> dict[str, str]:
     """Fingerprints of the inputs a file's signals are computed from (parquet, and npz if used)."""
     out = {"parquet": file_fingerprint(parquet)}
-    if "centroid" in groups:
+    if _uses_npz(groups):
         npz = Pool.npz_for(parquet)
         out["npz"] = file_fingerprint(npz) if npz.is_file() else "missing"
     return out
 
 
-def groups_to_compute(parquet: Path, signals_file: Path, spec: SignalsSpec) -> tuple[list[str], dict | None]:
-    """Which of `spec.groups` must be (re)computed for one file, and the reusable header."""
+def _covered(gates: Sequence[Gate], stored: Sequence[str]) -> bool:
+    return EVERY_ROW.token in stored or all(g.token in stored for g in gates)
+
+
+def groups_to_compute(parquet: Path, signals_file: Path, spec: SignalsSpec) -> tuple[dict[str, str], dict | None]:
+    """What to do for each group of `spec` that is not reusable as stored: "new" (compute every
+    needed row) or "fill" (a gated group whose stored rows lack some of a new gate's rows);
+    and the header of the stored file, if it can be built on."""
     header = read_signals_header(signals_file) if signals_file.is_file() else None
     if header is None:
-        return list(spec.groups), None
+        return {g: "new" for g in spec.groups}, None
     sources = source_fingerprints(parquet, spec.groups)
     if header.get("sources", {}).get("parquet") != sources["parquet"]:
-        return list(spec.groups), None
+        return {g: "new" for g in spec.groups}, None
     stored = dict(header.get("groups", {}))
     if "npz" in sources and header.get("sources", {}).get("npz") != sources["npz"]:
-        stored.pop("centroid", None)
-    todo = [g for g in spec.groups if stored.get(g) != spec.keys[g]]
-    # A group computed from a recomputed group must be recomputed too (fastText labels only
-    # depend on the caption: new gates are filled in below, not recomputed).
-    changed = set(todo)
-    for g in spec.groups:
-        if g not in changed and g != "fasttext" and any(d in changed for d in GROUP_DEPENDS[g]):
-            changed.add(g)
-    if "fasttext" in spec.groups and not set(lid_gate_tokens(spec)) <= set(header.get("fasttext_gates", [])):
-        changed.add("fasttext")
-    return [g for g in spec.groups if g in changed], header
+        stored = {g: k for g, k in stored.items() if not SIGNAL_GROUPS.get(g) or not SIGNAL_GROUPS[g].npz_keys}
+    todo: dict[str, str] = {}
+    for g in spec.groups:  # registry order: a group's inputs are decided before it
+        group = SIGNAL_GROUPS[g]
+        if stored.get(g) != spec.keys[g] or any(d in todo for d in group_dependencies(group)):
+            todo[g] = "new"
+        elif group.gated and not _covered(spec.gates_of(g), header.get("gates", {}).get(g, [])):
+            todo[g] = "fill"
+    return todo, header
 
 
-def _map_unique(texts: pa.Array, fn) -> pa.Array:
-    """`fn` (list of str -> list of str) applied to each distinct non-null text once, mapped back."""
-    encoded = pc.dictionary_encode(texts)
-    labels = pa.array(fn(encoded.dictionary.to_pylist()), type=pa.string())
-    return labels.take(encoded.indices)
+# --- computing one file -------------------------------------------------------------------------
+def _combined(col) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if isinstance(col, np.ndarray):
+        col = from_numpy(col) if col.dtype.kind in "iuf" else pa.array(col)
+    return col
 
 
-class MemoLabeler:
-    """A text -> label model call remembered across files (captions repeat within and across
-    the files of a pool). Bounded: the memo is dropped when it holds `max_entries` texts."""
-
-    def __init__(self, top1, max_entries: int = 500_000):
-        self._top1 = top1
-        self._memo: dict[str, str] = {}
-        self._max = max_entries
-
-    def __call__(self, texts: list[str]) -> list[str]:
-        memo = self._memo
-        todo = [t for t in texts if t not in memo]
-        if todo:
-            if len(memo) + len(todo) > self._max:
-                memo.clear()
-            memo.update(zip(todo, self._top1(todo)))
-        return [memo[t] for t in texts]
+def _take(value, rows: np.ndarray):
+    """The `rows` of one compute input (Arrow column, NumPy array, or a model: unchanged)."""
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        return value.take(from_numpy(rows))
+    if isinstance(value, np.ndarray) and value.ndim >= 1:
+        return value[rows]
+    return value
 
 
-def _per_unique(texts: pa.Array, fn) -> np.ndarray:
-    """`fn` (Arrow strings -> NumPy values) on each distinct text once, mapped back (nulls -> 0)."""
-    encoded = pc.dictionary_encode(texts)
-    values = np.asarray(fn(encoded.dictionary))
-    idx = encoded.indices.to_numpy(zero_copy_only=False)
-    if encoded.indices.null_count:
-        valid = ~to_numpy(encoded.indices.is_null())
-        out = np.zeros(len(texts), dtype=values.dtype)
-        out[valid] = values[idx[valid].astype(np.int64)]
-        return out
-    return values[idx.astype(np.int64)]
+def _scatter(values, rows: np.ndarray, n: int, previous) -> pa.Array:
+    """A full column: `values` at `rows`, the previous value (or null) elsewhere."""
+    values = _combined(values)
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    index = np.full(n, -1, dtype=np.int64)
+    index[rows] = np.arange(len(rows))
+    placed = values.take(pa.array(index, mask=index < 0))
+    if previous is None:
+        return placed
+    previous = _combined(previous)
+    if pa.types.is_dictionary(previous.type):
+        previous = previous.dictionary_decode()
+    return pc.if_else(from_numpy(index >= 0), placed, previous.cast(placed.type))
 
 
 class SignalsWorker:
-    """Computes and stores the signals of metadata files; models load on first use."""
+    """Computes and stores the signals of metadata files; each model loads on first use."""
 
     def __init__(self, spec: SignalsSpec):
         self.spec = spec
-        self._lid = None
-        self._cld3 = None
-        self._entity = None
-        self._centroids = None
+        self._models: dict[str, object] = {}
 
-    # --- models ---
-    @property
-    def lid(self) -> MemoLabeler:
-        if self._lid is None:
-            from pipeline.models import FastTextLanguageID, resolve_lid_model
-
-            self._lid = MemoLabeler(FastTextLanguageID(resolve_lid_model(self.spec.lid_model)).top1)
-        return self._lid
-
-    @property
-    def cld3(self) -> MemoLabeler:
-        if self._cld3 is None:
-            from pipeline.models import Cld3LanguageID
-
-            s = self.spec.laion.cld3
-            self._cld3 = MemoLabeler(Cld3LanguageID(s.min_num_bytes, s.max_num_bytes).top1)
-        return self._cld3
-
-    @property
-    def entity(self):
-        if self._entity is None:
-            from pipeline.models import build_entity_lookup
-
-            self._entity = build_entity_lookup(self.spec.morphy_repeat_rules)
-        return self._entity
-
-    @property
-    def centroids(self) -> np.ndarray:
-        if self._centroids is None:
-            from pipeline.models import load_centroids
-
-            self._centroids = load_centroids(self.spec.centroids)
-        return self._centroids
+    def model(self, name: str):
+        if name not in self._models:
+            self._models[name] = MODELS[name].load(self.spec.models)
+        return self._models[name]
 
     def warm_up(self) -> None:
         """Load every model the spec's groups use."""
-        groups = set(self.spec.groups)
-        if "fasttext" in groups:
-            self.lid
-        if "cld3" in groups:
-            self.cld3
-        if "entity" in groups:
-            self.entity
-        if "centroid" in groups:
-            self.centroids
+        for g in self.spec.groups:
+            for m in SIGNAL_GROUPS[g].models:
+                self.model(m)
 
-    # --- one file ---
     def process(self, parquet: Path, out: Path) -> dict:
+        """Bring one file's signals up to the spec; a summary of what was done."""
         started = time.perf_counter()
         cpu_started = time.process_time()
         try:
@@ -320,7 +401,7 @@ class SignalsWorker:
                 raise
             return {"file": parquet.name, "status": "skipped", "reason": str(exc), "rows": None,
                     "computed": [], "seconds": time.perf_counter() - started}
-        return {"file": parquet.name, "status": "computed", "rows": rows, "computed": todo,
+        return {"file": parquet.name, "status": "computed", "rows": rows, "computed": list(todo),
                 "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
                 "pid": os.getpid()}
 
@@ -332,264 +413,89 @@ class SignalsWorker:
         validate_metadata_schema(schema, parquet, ("uid", *self.spec.required_columns))
         return schema
 
-    def _read(self, parquet: Path, columns: Sequence[str]) -> pa.Table:
-        try:
-            return pq.ParquetFile(parquet).read(columns=list(columns))
-        except Exception as exc:
-            raise PoolFormatError(f"{parquet}: failed to read columns {list(columns)} ({exc})") from exc
-
-    def _compute(self, parquet: Path, out: Path, todo: list[str], header: dict | None) -> int:
+    def _compute(self, parquet: Path, out: Path, todo: dict[str, str], header: dict | None) -> int:
         schema = self._check_schema(parquet)
-        wanted = {c for g in todo for c in GROUP_SOURCE_COLUMNS[g]}
-        if "base" in todo:
-            wanted |= {c for c in OPTIONAL_BASE_COLUMNS if c in schema.names}
-        source = self._read(parquet, [c for c in schema.names if c in wanted])
+        groups = [SIGNAL_GROUPS[g] for g in todo]
+        wanted = {c for g in groups for c in (*g.reads, *g.optional_reads)}
+        try:
+            source = pq.ParquetFile(parquet).read(columns=[c for c in schema.names if c in wanted])
+        except Exception as exc:
+            raise PoolFormatError(f"{parquet}: failed to read columns {sorted(wanted)} ({exc})") from exc
         n = source.num_rows
-        stored = {}
-        labels_reusable = (header is not None and "fasttext" in todo
-                           and header["groups"].get("fasttext") == self.spec.keys.get("fasttext"))
+        columns: dict[str, object] = {}
         if header is not None:
             if header["rows"] != n:
                 raise PoolFormatError(f"{out}: holds {header['rows']} rows but {parquet} has {n}")
-            keep = [c for g, cols in GROUP_COLUMNS.items()
-                    if (g not in todo or (g == "fasttext" and labels_reusable)) and g in header["groups"]
-                    for c in cols]
+            keep = [c for g, key in header["groups"].items() if g in SIGNAL_GROUPS and todo.get(g) != "new"
+                    for c in SIGNAL_GROUPS[g].column_names]
             existing = pq.ParquetFile(out).schema_arrow.names
-            stored_table = pq.read_table(out, columns=[c for c in keep if c in existing])
-            stored = {c: stored_table.column(c) for c in stored_table.column_names}
-        columns: dict[str, pa.Array | pa.ChunkedArray] = dict(stored)
-        if "base" in todo:
-            columns.update(self._base(parquet, source))
-        texts = status = None
-        if any(g in todo for g in ("text", "fasttext", "entity", "cld3")):
-            raw = caption_array(source.column("text"))
-            status = text_status(raw)
-            texts = readable_captions(raw, status)
-        if "text" in todo:
-            columns.update(self._text(texts, status))
-        if "entity" in todo:
-            columns["imagenet21k_entity"] = pa.array(
-                _per_unique(texts, lambda u: self._entity_hits(u)).astype(bool))
-        if "cld3" in todo:
-            columns["cld3_lang"] = self._cld3_labels(texts, _np(columns["clip_b32_similarity_score"]))
-        gates_covered = list(header.get("fasttext_gates", [])) if labels_reusable else []
-        if "fasttext" in todo:
-            columns["fasttext_lang"] = self._fasttext_labels(texts, columns, columns.get("fasttext_lang"))
-            gates_covered = sorted(set(gates_covered) | set(lid_gate_tokens(self.spec)))
-        elif header is not None and "fasttext" in header["groups"]:
-            gates_covered = list(header.get("fasttext_gates", []))
-        if "centroid" in todo:
-            columns["nearest_centroid"], columns["image_embedding_missing"] = self._nearest(parquet, n, columns)
-        groups = dict(header["groups"]) if header is not None else {}
-        for g in todo:
-            groups[g] = self.spec.keys[g]
-        groups = {g: groups[g] for g in GROUP_ORDER if g in groups}
-        order = [c for g in GROUP_ORDER if g in groups for c in GROUP_COLUMNS[g] if c in columns]
-        table = pa.table({c: columns[c] for c in order})
-        sources = source_fingerprints(parquet, list(groups))
-        meta = {"format": SIGNALS_FORMAT_VERSION, "source": parquet.name, "sources": sources,
-                "rows": n, "groups": groups}
-        if "fasttext" in groups:
-            meta["fasttext_gates"] = gates_covered
+            stored = pq.read_table(out, columns=[c for c in keep if c in existing])
+            columns = {c: stored.column(c) for c in stored.column_names}
+        npz: dict[str, np.ndarray] = {}
+        gates = dict(header.get("gates", {})) if header is not None else {}
+        for g in groups:
+            missing_keys = [k for k in g.npz_keys if k not in npz]
+            if missing_keys:
+                npz.update(load_npz(parquet, tuple(missing_keys), n))
+            inputs = {**{c: source.column(c) for c in g.reads},
+                      **{c: source.column(c) if c in source.column_names else None for c in g.optional_reads},
+                      **{k: npz[k] for k in g.npz_keys}, **{m: self.model(m) for m in g.models},
+                      **{c: columns[c] for c in g.signals}}
+            if g.wants_file_name:
+                inputs["file_name"] = parquet.name
+            rows = None
+            if g.gated:
+                gate = np.zeros(n, dtype=bool)
+                for clause in self.spec.gates_of(g.name):
+                    needed = {c for r in clause.rules for c in rule_columns(r)}
+                    gate |= all_pass(signal_frame({c: _combined(columns[c]) for c in needed or ["row"]}),
+                                     clause.rules)
+                previous = {c: columns.get(c) if todo[g.name] == "fill" else None for c in g.column_names}
+                if todo[g.name] == "fill":
+                    for c in g.column_names:
+                        if previous[c] is not None:
+                            gate &= to_numpy(_combined(previous[c]).is_null())
+                rows = np.flatnonzero(gate)
+                inputs = {k: _take(v, rows) for k, v in inputs.items()}
+            try:
+                result = g.compute(**inputs)
+            except ValueError as exc:
+                raise PoolFormatError(f"{parquet}: {exc}") from None
+            produced = set(result)
+            expected = set(g.column_names) - ({"clip_b32_similarity_score", "clip_l14_similarity_score"}
+                                              if g.name == "base" else set())
+            if not expected <= produced <= set(g.column_names):
+                raise SignalsError(f"signal group {g.name}: its function returned {sorted(produced)}, "
+                                   f"declared {list(g.column_names)}")
+            for c, values in result.items():
+                columns[c] = _scatter(values, rows, n, previous[c]) if rows is not None else values
+            if g.gated:
+                tokens = [t.token for t in self.spec.gates_of(g.name)]
+                before = gates.get(g.name, []) if todo[g.name] == "fill" else []
+                gates[g.name] = sorted(set(before) | set(tokens))
+        stored_groups = {g: k for g, k in (header["groups"].items() if header is not None else ())
+                         if g in SIGNAL_GROUPS and g not in todo}
+        stored_groups.update({g: self.spec.keys[g] for g in todo})
+        stored_groups = {g: stored_groups[g] for g in SIGNAL_GROUPS if g in stored_groups}
+        gates = {g: t for g, t in gates.items() if g in stored_groups and SIGNAL_GROUPS[g].gated}
+        types = {c.name: c.type for g in SIGNAL_GROUPS.values() for c in g.columns}
+        order = [c for g in stored_groups for c in SIGNAL_GROUPS[g].column_names if c in columns]
+        table = pa.table({c: _stored(columns[c], types[c]) for c in order})
+        meta = {"format": SIGNALS_FORMAT_VERSION, "source": parquet.name,
+                "sources": source_fingerprints(parquet, list(stored_groups)), "rows": n, "groups": stored_groups,
+                "gates": gates}
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
         with atomic_path(out) as tmp:
             pq.write_table(table, tmp)
         return n
 
-    def _base(self, parquet: Path, source: pa.Table) -> dict:
-        n = source.num_rows
-        try:
-            records = uids_to_records(source.column("uid"))
-        except ValueError as exc:
-            raise PoolFormatError(f"{parquet}: column 'uid': {exc}") from exc
-        cols: dict[str, pa.Array] = {
-            "uid_hi": pa.array(records["f0"]), "uid_lo": pa.array(records["f1"]),
-            "file": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([parquet.name])),
-            "row": pa.array(np.arange(n, dtype=np.int32)),
-        }
-        for name in SCORE_COLUMNS.values():
-            if name in source.column_names:
-                cols[name] = pa.array(nan_for_null(source.column(name)))
-        names = source.column_names
-        width = source.column("original_width") if "original_width" in names else pa.nulls(n, pa.int64())
-        height = source.column("original_height") if "original_height" in names else pa.nulls(n, pa.int64())
-        cols["min_side"] = pa.array(min_side(width, height))
-        cols["aspect_ratio"] = pa.array(aspect_ratio(width, height))
-        return cols
 
-    def _text(self, texts: pa.Array, status: np.ndarray) -> dict:
-        encoded = pc.dictionary_encode(texts)
-        unique = encoded.dictionary
-        index = encoded.indices.to_numpy(zero_copy_only=False)
-        valid = ~to_numpy(encoded.indices.is_null()) if encoded.indices.null_count else None
-
-        def per_row(values: np.ndarray) -> pa.Array:
-            if valid is None:
-                return pa.array(values[index.astype(np.int64)])
-            out = np.zeros(len(texts), dtype=values.dtype)
-            out[valid] = values[index[valid].astype(np.int64)]
-            return pa.array(out)
-
-        return {
-            "text_status": pa.array(status),
-            "caption_words": per_row(whitespace_word_count(unique)),
-            "caption_chars": per_row(char_count(unique)),
-            "fasttext_tokens": per_row(fasttext_token_count(unique)),
-        }
-
-    def lid_gate(self, columns: dict) -> np.ndarray:
-        """Rows that need a fastText label: readable, and passing every other rule of some
-        requested strategy (so the English rule, checked last, sees a label on every row)."""
-        n = len(columns["text_status"])
-        readable = _np(columns["text_status"]) == TextStatus.OK
-        gate = np.zeros(n, dtype=bool)
-        words, chars, tokens = (_np(columns[c]) for c in ("caption_words", "caption_chars", "fasttext_tokens"))
-        if "basic" in self.spec.lid_gates:
-            gate |= (caption_length_mask(words, chars, self.spec.caption_length)
-                     & image_size_mask(_np(columns["min_side"]), _np(columns["aspect_ratio"]), self.spec.image_size))
-        if "text" in self.spec.lid_gates:
-            gate |= _np(columns["imagenet21k_entity"]).astype(bool)
-        if "prefilter" in self.spec.lid_gates:
-            gate |= caption_prefilter_mask(tokens, chars, self.spec.caption_prefilter)
-        return gate & readable
-
-    def _fasttext_labels(self, texts: pa.Array, columns: dict, previous) -> pa.Array:
-        """Labels for the gated rows; labels stored by an earlier run (same model) are kept."""
-        n = len(texts)
-        labels = (_combined(previous).dictionary_decode() if previous is not None
-                  and pa.types.is_dictionary(_combined(previous).type)
-                  else (_combined(previous) if previous is not None else pa.nulls(n, pa.string())))
-        missing = np.flatnonzero(self.lid_gate(columns) & ~to_numpy(labels.is_valid()))
-        if len(missing) == 0:
-            return labels.dictionary_encode()
-        new = _map_unique(language_id_input(texts.take(pa.array(missing))), self.lid)
-        index = np.full(n, -1, dtype=np.int64)
-        index[missing] = np.arange(len(missing))
-        filled = pc.if_else(pa.array(index >= 0), new.take(pa.array(index, mask=index < 0)), labels)
-        return filled.dictionary_encode()
-
-    def _entity_hits(self, unique_texts: pa.Array) -> np.ndarray:
-        from filters.entity import entity_hit_mask
-
-        return entity_hit_mask(unique_texts, self.entity)
-
-    def _cld3_labels(self, texts: pa.Array, b32: np.ndarray) -> pa.Array:
-        gate = cld3_needed(b32, self.spec.laion) & to_numpy(texts.is_valid())
-        rows = np.flatnonzero(gate)
-        if len(rows) == 0:
-            return pa.nulls(len(texts), pa.string()).dictionary_encode()
-        labels = _map_unique(language_id_input(texts.take(pa.array(rows))), self.cld3)
-        index = np.full(len(texts), -1, dtype=np.int64)
-        index[rows] = np.arange(len(rows))
-        return labels.take(pa.array(index, mask=index < 0)).dictionary_encode()
-
-    def _nearest(self, parquet: Path, n: int, columns: dict) -> tuple[pa.Array, pa.Array]:
-        """(nearest centroid, image embedding missing) of every row."""
-        gate = (
-            (_np(columns["text_status"]) == TextStatus.OK)
-            & language_mask(_combined(columns["fasttext_lang"]))
-            & caption_prefilter_mask(_np(columns["fasttext_tokens"]), _np(columns["caption_chars"]),
-                                     self.spec.caption_prefilter)
-        )
-        embeddings = load_npz(parquet, ("l14_img",), n)["l14_img"]
-        missing = missing_embedding_mask(embeddings)
-        nearest = np.full(n, NO_CENTROID, dtype=np.int32)
-        rows = np.flatnonzero(gate & ~missing)
-        if len(rows):
-            nearest[rows] = nearest_centroid(embeddings[rows], self.centroids, device=self.spec.device)
-        return pa.array(nearest), pa.array(missing)
-
-
-def nan_for_null(scores: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A score column as NumPy, nulls as NaN (as pandas reads them), float32 unless it was float64.
-
-    (Not ``pc.fill_null(col, nan)``: making a NaN scalar makes pyarrow import pandas.)
-    """
-    dtype = np.float64 if pa.types.is_float64(scores.type) else np.float32
-    if pa.types.is_null(scores.type):
-        return np.full(len(scores), np.nan, dtype=dtype)
-    return np.asarray(to_numpy(scores), dtype=dtype)
-
-
-def _combined(col) -> pa.Array:
-    if isinstance(col, pa.ChunkedArray):
-        return col.combine_chunks()
+def _stored(values, type_name: str) -> pa.Array:
+    """A column as stored: labels dictionary-encoded, NumPy arrays as Arrow."""
+    col = _combined(values)
+    if type_name == "label" and not pa.types.is_dictionary(col.type):
+        col = col.cast(pa.string()).dictionary_encode()
     return col
-
-
-def _np(col) -> np.ndarray:
-    col = _combined(col)
-    if pa.types.is_dictionary(col.type):
-        col = col.dictionary_decode()
-    return to_numpy(col) if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
-        else col.to_numpy(zero_copy_only=False)
-
-
-# --- running the pass (the machinery is in pipeline.execution) ------------------------------
-def _find_cause(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, types):
-            return e
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
-
-
-def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec,
-                     executor: "Executor | None" = None, *, progress: bool = True) -> list[dict]:
-    """Bring the signals of every file up to `spec`; returns one summary per file.
-
-    Files whose stored signals already match are checked and reused here; the rest go to
-    `pipeline.execution` (a Ray Data job, or this process with ``Executor(kind="local")``).
-    """
-    from pipeline.execution import Executor
-
-    executor = executor if executor is not None else Executor()
-    signals_dir = Path(signals_dir)
-    signals_dir.mkdir(parents=True, exist_ok=True)
-    summaries: dict[str, dict] = {}
-    todo = []
-    checker = SignalsWorker(spec)
-    for parquet in files:
-        out = signals_path(signals_dir, parquet)
-        groups, header = groups_to_compute(parquet, out, spec)
-        if groups:
-            todo.append((parquet, out))
-            continue
-        try:
-            # The strategies may need columns that the run which stored these signals did not.
-            checker._check_schema(parquet)
-        except PoolFormatError as exc:
-            if not spec.skip_bad_files:
-                raise
-            summaries[parquet.name] = {"file": parquet.name, "status": "skipped", "reason": str(exc),
-                                       "rows": None, "computed": [], "seconds": 0.0}
-            continue
-        summaries[parquet.name] = {"file": parquet.name, "status": "reused", "rows": header["rows"],
-                                   "computed": [], "seconds": 0.0}
-    if todo:
-        if progress:
-            print(f"signals: computing {', '.join(spec.groups)} for {len(todo)} of {len(files)} "
-                  f"metadata files ({executor.kind}, {executor.num_workers} workers)", file=sys.stderr)
-        from pipeline.execution import run_local, run_ray
-
-        run = run_ray if executor.kind == "ray" else run_local
-        try:
-            for summary in run(todo, spec, executor, progress):
-                summaries[summary["file"]] = summary
-        except Exception as exc:
-            from pipeline.models import ModelInputError
-
-            cause = _find_cause(exc, (PoolFormatError, ModelInputError, FileNotFoundError))
-            if cause is not None and cause is not exc:
-                raise type(cause)(str(cause)) from exc
-            raise
-    return [summaries[p.name] for p in files]
 
 
 def iter_signal_tables(files: Sequence[Path], signals_dir: Path, columns: Sequence[str]):

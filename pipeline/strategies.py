@@ -1,254 +1,464 @@
-"""DataComp's named subsets as queries over the signals table.
+"""Strategies as data: a name, a description, ordered rules, an optional selection.
 
-Each strategy is an ordered list of rules; a row is kept when it passes all of them. The
-order only shapes the funnel in ``stats.json``: every dropped row is counted against the first
-rule it fails (datatrove style), and every rule also reports how many of all rows pass it.
-The rules (and their DataComp source, reference section 2):
+A strategy spec (TOML, read with `tomllib`; DataComp's seven baselines ship as
+``pipeline/specs/*.toml``)::
 
-==========  ===========================  =========================================================
-strategy    DataComp ``--name``          rules, in funnel order
-==========  ===========================  =========================================================
-no_filter   no_filter                    (none)
-basic       basic_filter                 caption readable, > 2 words, > 5 chars, shorter side
-                                         >= 200, aspect <= 3, fastText en
-text        text_based                   caption readable, an ImageNet-21k word, fastText en
-clip        clip_score                   score present, score >= threshold (or top fraction)
-laion       laion2b                      B/32 present, B/32 >= 0.28, caption readable, CLD3 en
-image       image_based                  caption readable, > 1 fastText token, > 5 chars,
-                                         fastText en, image embedding present, nearest
-                                         centroid is a target centroid
-image_clip  image_based_intersect_       score present, score >= threshold, then as image
-            clip_score
-==========  ===========================  =========================================================
+    name = "clip_en_256"
+    description = "CLIP L/14 top 30% of the English captions with shorter side >= 256"
+    rules = ["fasttext_lang = 'en'", "min_side >= 256", "caption_words > 2"]
+    [select]
+    score = "clip_l14_similarity_score"
+    fraction = 0.3
+    over = "kept"      # "kept": among rows the rules kept; "pool": over the whole pool
 
-"Caption readable" fails null captions and bytes that are not UTF-8 (DataComp would crash);
-"score present" fails NaN/null scores (DataComp's comparisons are False for them too).
-"Image embedding present" fails rows whose ``l14_img`` is all zeros, which `pipeline.score`
-writes for samples without an image (CommonPool has none such; DataComp would put them on
-centroid 0); on rows with an embedding the rule is DataComp's. The
-funnel is sequential: each rule reports the rows that reach it, pass it and are dropped by it.
-The model rules come last, so fastText and CLD3 run only on rows the other rules keep (the
-signals pass computes their labels there and nowhere else: the strategy's "gate").
+- ``rules``: SQL expressions over signal columns (`filters.expressions`; ``python -m
+  pipeline.filter --list-signals`` lists the columns). A rule may be a table ``{name = "...",
+  rule = "..."}`` to give its counter in ``stats.json`` a name (default: the expression).
+  A row is kept when it passes every rule; a missing value never passes.
+- ``[select]``: keep the top ``fraction`` by ``score`` with DataComp's ``--fraction`` rule:
+  over N rows (the whole pool, or the rows the rules kept), the threshold is the
+  (int(N*f)+1)-th largest score (missing scores count in N and sort last), and every row at
+  or above it is kept (ties kept); or ``threshold = t``: keep ``score >= t``.
+- ``intersect = ["image", "clip"]``: the rows every named strategy keeps (built-in names or
+  other specs of the same run); may be combined with rules and a selection.
+- ``[params]``: defaults substituted into rules and the selection as ``{name}``. The built-in
+  ``clip`` and ``image_clip`` declare ``arch``, which ``--arch`` sets; ``--fraction`` and
+  ``--threshold`` set the selection of every spec that declares ``arch``.
+- ``datacomp_name``: the name DataComp's ``baselines.py`` gives the strategy (an alias).
+
+The funnel in ``stats.json`` follows the spec's order: each dropped row is counted against the
+first rule (then the selection) that it fails. Model labels are computed only where every
+cheaper rule passes (`signals_needed` derives these gates from the specs), so a row outside a
+gate is counted against the cheaper rule it fails; the kept set does not depend on the order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import tomllib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-import pyarrow as pa
+import polars as pl
 
-from filters.arrays import to_numpy
-from filters.clip_score import ClipScore, score_mask
-from filters.image_based import image_based_mask
-from filters.image_size import ImageSize
-from filters.language import Language, language_mask
-from filters.laion import Laion2B
-from filters.text import CaptionLength, CaptionPrefilter, TextStatus
-from pools.format import SCORE_COLUMNS
+from filters.expressions import RuleError, check_rule, rule_columns, rule_outcomes
 
-
-@dataclass(frozen=True, kw_only=True)
-class Strategy:
-    name: str
-    datacomp_name: str
-    description: str
-    groups: tuple[str, ...] = ()  # signal groups the query reads (beyond base)
-    metadata_columns: tuple[str, ...] = ()  # metadata columns it needs besides uid
-    uses_clip_score: bool = False  # takes --arch and --fraction/--threshold
-    needs_npz: bool = False
-    needs_centroids: bool = False
-    lid_gate: str | None = None  # rows that need a fastText label (pipeline.signals.LID_GATES)
+SPECS_DIR = Path(__file__).with_name("specs")
+SPEC_KEYS = ("name", "description", "datacomp_name", "params", "rules", "select", "intersect")
+SELECT_KEYS = ("score", "fraction", "threshold", "over")
+SELECT_OVER = ("kept", "pool")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-_STRATEGY_LIST = (
-    Strategy(name="no_filter", datacomp_name="no_filter", description="every uid of the pool"),
-    Strategy(name="basic", datacomp_name="basic_filter", groups=("text", "fasttext"),
-             metadata_columns=("text", "original_width", "original_height"), lid_gate="basic",
-             description="fastText English, > 2 words, > 5 chars, shorter side >= 200, aspect <= 3"),
-    Strategy(name="text", datacomp_name="text_based", groups=("text", "fasttext", "entity"),
-             metadata_columns=("text",), lid_gate="text",
-             description="fastText English and a caption word naming an ImageNet-21k class"),
-    Strategy(name="image", datacomp_name="image_based", groups=("text", "fasttext", "centroid"),
-             metadata_columns=("text",), needs_npz=True, needs_centroids=True, lid_gate="prefilter",
-             description="caption pre-filter and nearest pool centroid near ImageNet"),
-    Strategy(name="laion", datacomp_name="laion2b", groups=("text", "cld3"),
-             metadata_columns=("text", SCORE_COLUMNS["b32"]),
-             description="CLIP B/32 score >= 0.28 and CLD3 English"),
-    Strategy(name="clip", datacomp_name="clip_score", uses_clip_score=True,
-             description="CLIP score >= threshold, or the top fraction of the pool"),
-    Strategy(name="image_clip", datacomp_name="image_based_intersect_clip_score",
-             groups=("text", "fasttext", "centroid"), metadata_columns=("text",), uses_clip_score=True,
-             needs_npz=True, needs_centroids=True, lid_gate="prefilter",
-             description="CLIP score first (fraction over the whole pool), then image-based"),
-)
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in _STRATEGY_LIST}
-ALIASES = {s.datacomp_name: s.name for s in _STRATEGY_LIST} | {"text_based": "text", "laion2b": "laion"}
-
-
-def resolve_strategy_names(names: Sequence[str]) -> list[str]:
-    """Our names for `names` (ours, DataComp's, or "all"), without repeats, in registry order."""
-    chosen = set()
-    for name in names:
-        if name == "all":
-            chosen.update(STRATEGIES)
-        elif name in STRATEGIES:
-            chosen.add(name)
-        elif name in ALIASES:
-            chosen.add(ALIASES[name])
-        else:
-            raise ValueError(f"unknown strategy {name!r}; choose from {', '.join([*STRATEGIES, 'all'])} "
-                             f"(DataComp's names work too: {', '.join(ALIASES)})")
-    return [s for s in STRATEGIES if s in chosen]
-
-
-@dataclass(frozen=True, kw_only=True)
-class QueryParams:
-    """Every parameter the rules read, with DataComp's values as defaults."""
-
-    language: Language = field(default_factory=Language)
-    caption_length: CaptionLength = field(default_factory=CaptionLength)
-    image_size: ImageSize = field(default_factory=ImageSize)
-    caption_prefilter: CaptionPrefilter = field(default_factory=CaptionPrefilter)
-    laion: Laion2B = field(default_factory=Laion2B)
-    clip: ClipScore = field(default_factory=ClipScore)
-    clip_threshold: float | None = None  # the resolved threshold (from clip.fraction if given)
-    target_ids: np.ndarray | None = None  # target centroids of the image-based rule
-
-
-class Columns:
-    """Read-once NumPy views of a table's columns, as the rules ask for them."""
-
-    def __init__(self, table: pa.Table):
-        self.table = table
-        self._cache: dict[str, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._cache:
-            if name not in self.table.column_names:
-                raise KeyError(name)
-            col = self.table.column(name).combine_chunks()
-            if pa.types.is_dictionary(col.type):
-                col = col.dictionary_decode()
-            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-                self._cache[name] = col  # labels stay Arrow for vectorised comparisons
-            else:
-                self._cache[name] = to_numpy(col)  # float nulls (scores) become NaN
-        return self._cache[name]
+class SpecError(ValueError):
+    """A strategy spec that cannot run; the message names the file and the rule."""
 
 
 @dataclass(frozen=True)
 class Rule:
     name: str  # the counter in stats.json
-    columns: tuple[str, ...]
-    test: Callable[[Columns], np.ndarray]
-    needs_label: str | None = None  # a model label column that must be present where the rule runs
+    expr: str  # a SQL expression over signal columns
 
 
-def _readable(c: Columns) -> np.ndarray:
-    return c["text_status"] == TextStatus.OK
+@dataclass(frozen=True)
+class Selection:
+    score: str
+    fraction: float | None = None
+    threshold: float | None = None
+    over: str = "kept"
+
+    @property
+    def name(self) -> str:
+        return f"{self.score}_ge_threshold"
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in (("score", self.score), ("fraction", self.fraction),
+                                  ("threshold", self.threshold), ("over", self.over)) if v is not None}
 
 
-def rules_for(name: str, p: QueryParams) -> tuple[Rule, ...]:
-    """The rules of strategy `name` with parameters `p` (thresholds already resolved)."""
-    readable = Rule("caption_readable", ("text_status",), _readable)
-    english = Rule(f"fasttext_{p.language.label}", ("fasttext_lang", "text_status"),
-                   lambda c: language_mask(c["fasttext_lang"], p.language), needs_label="fasttext_lang")
-    if name == "no_filter":
-        return ()
-    if name == "basic":
-        cl, im = p.caption_length, p.image_size
-        return (readable,
-                Rule(f"caption_words_gt_{cl.min_words}", ("caption_words",), lambda c: c["caption_words"] > cl.min_words),
-                Rule(f"caption_chars_gt_{cl.min_chars}", ("caption_chars",), lambda c: c["caption_chars"] > cl.min_chars),
-                Rule(f"min_side_ge_{im.min_side}", ("min_side",), lambda c: c["min_side"] >= im.min_side),
-                Rule(f"aspect_le_{im.max_aspect:g}", ("aspect_ratio",), lambda c: c["aspect_ratio"] <= im.max_aspect),
-                english)
-    if name == "text":
-        return (readable,
-                Rule("imagenet21k_entity", ("imagenet21k_entity",), lambda c: c["imagenet21k_entity"]),
-                english)
-    if name == "laion":
-        lp = p.laion
-        col = SCORE_COLUMNS["b32"]
-        return (Rule(f"{col}_present", (col,), lambda c: ~np.isnan(c[col])),
-                Rule(f"{col}_ge_{lp.min_b32_score:g}", (col,), lambda c: score_mask(c[col], lp.min_b32_score)),
-                readable,
-                Rule(f"cld3_{lp.language.label}", ("cld3_lang",), lambda c: language_mask(c["cld3_lang"], lp.language)))
-    clip_rules = ()
-    if name in ("clip", "image_clip"):
-        if p.clip_threshold is None:
-            raise ValueError("the CLIP threshold must be resolved before building the clip rules")
-        col, t = p.clip.column, p.clip_threshold
-        clip_rules = (Rule(f"{col}_present", (col,), lambda c: ~np.isnan(c[col])),
-                      Rule(f"{col}_ge_threshold", (col,), lambda c: score_mask(c[col], t)))
-        if name == "clip":
-            return clip_rules
-    if name in ("image", "image_clip"):
-        cp = p.caption_prefilter
-        if p.target_ids is None:
-            raise ValueError("the image-based rule needs its target centroids")
-        targets = p.target_ids
-        return clip_rules + (
-            readable,
-            Rule(f"fasttext_tokens_gt_{cp.min_tokens}", ("fasttext_tokens",), lambda c: c["fasttext_tokens"] > cp.min_tokens),
-            Rule(f"caption_chars_gt_{cp.min_chars}", ("caption_chars",), lambda c: c["caption_chars"] > cp.min_chars),
-            english,
-            Rule("image_embedding_present", ("image_embedding_missing",), lambda c: ~c["image_embedding_missing"]),
-            Rule("nearest_centroid_in_targets", ("nearest_centroid",),
-                 lambda c: image_based_mask(c["nearest_centroid"], targets)))
-    raise ValueError(f"unknown strategy {name!r}")
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    description: str = ""
+    rules: tuple[Rule, ...] = ()
+    select: Selection | None = None
+    intersect: tuple[str, ...] = ()
+    datacomp_name: str | None = None
+    params: tuple[tuple[str, object], ...] = ()
+    source: str = ""  # "builtin" or the file it was read from
+
+    def as_dict(self) -> dict:
+        """The spec as written to stats.json and manifest.json (and read back by `spec_from_dict`)."""
+        out: dict = {"name": self.name, "description": self.description}
+        if self.datacomp_name:
+            out["datacomp_name"] = self.datacomp_name
+        if self.params:
+            out["params"] = dict(self.params)
+        if self.intersect:
+            out["intersect"] = list(self.intersect)
+        out["rules"] = [{"name": r.name, "rule": r.expr} for r in self.rules]
+        if self.select is not None:
+            out["select"] = self.select.as_dict()
+        return out
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The funnel's counters, in order: intersected strategies, rules, the selection."""
+        return (*(f"in_{m}" for m in self.intersect), *(r.name for r in self.rules),
+                *((self.select.name,) if self.select else ()))
+
+    def columns(self) -> list[str]:
+        """The signal columns its own rules and selection read."""
+        cols = [c for r in self.rules for c in rule_columns(r.expr)]
+        if self.select is not None:
+            cols.append(self.select.score)
+        return list(dict.fromkeys(cols))
 
 
+# --- reading specs ------------------------------------------------------------------------------
+def _substitute(text: str, params: Mapping[str, object], where: str) -> str:
+    try:
+        return text.format_map(dict(params))
+    except KeyError as exc:
+        raise SpecError(f"{where}: {{{exc.args[0]}}} is not a parameter (declare it under [params])") from None
+    except (ValueError, IndexError) as exc:
+        raise SpecError(f"{where}: bad {{parameter}} ({exc})") from None
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpecError(f"{where} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise SpecError(f"{where} must be a number, got {value!r}") from None
+
+
+def spec_from_dict(data: Mapping, source: str = "builtin", overrides: Mapping[str, object] | None = None,
+                   *, check: bool = True) -> StrategySpec:
+    """A spec from its TOML/JSON form; `overrides` set declared parameters (``--arch``) and
+    ``fraction``/``threshold`` of the selection of specs that declare ``arch``."""
+    where = source if source != "builtin" else f"built-in strategy {data.get('name', '?')}"
+    unknown = [k for k in data if k not in SPEC_KEYS]
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}; a spec has {', '.join(SPEC_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise SpecError(f"{where}: 'name' must be a word of letters, digits, _ . - (it names <out>/<name>.npy), "
+                        f"got {name!r}")
+    params = dict(data.get("params", {}))
+    if not isinstance(data.get("params", {}), dict):
+        raise SpecError(f"{where}: [params] must be a table of name = value")
+    overrides = dict(overrides or {})
+    for key in [k for k in overrides if k in params]:
+        params[key] = overrides[key]
+    rules = []
+    raw_rules = data.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise SpecError(f"{where}: 'rules' must be a list of strings or {{name, rule}} tables")
+    for i, raw in enumerate(raw_rules):
+        at = f"{where}: rule {i + 1}"
+        if isinstance(raw, str):
+            expr, rule_name = raw, None
+        elif isinstance(raw, dict) and set(raw) <= {"name", "rule"} and isinstance(raw.get("rule"), str):
+            expr, rule_name = raw["rule"], raw.get("name")
+        else:
+            raise SpecError(f"{at}: must be a string or a {{name = ..., rule = ...}} table, got {raw!r}")
+        expr = _substitute(expr, params, at)
+        rule_name = _substitute(rule_name, params, at) if rule_name else expr
+        rules.append(Rule(name=rule_name, expr=expr))
+    select = None
+    if "select" in data:
+        raw = data["select"]
+        at = f"{where}: [select]"
+        if not isinstance(raw, dict):
+            raise SpecError(f"{at} must be a table")
+        bad = [k for k in raw if k not in SELECT_KEYS]
+        if bad:
+            raise SpecError(f"{at}: unknown key(s) {', '.join(bad)}; it has {', '.join(SELECT_KEYS)}")
+        raw = dict(raw)
+        if "arch" in params and ("fraction" in overrides or "threshold" in overrides):
+            raw.pop("fraction", None)
+            raw.pop("threshold", None)
+            raw.update({k: overrides[k] for k in ("fraction", "threshold") if overrides.get(k) is not None})
+        if not isinstance(raw.get("score"), str):
+            raise SpecError(f"{at}: 'score' must name a signal column")
+        if ("fraction" in raw) == ("threshold" in raw):
+            raise SpecError(f"{at}: give exactly one of 'fraction' and 'threshold'")
+        fraction = threshold = None
+        if "fraction" in raw:
+            fraction = _number(_substitute(str(raw["fraction"]), params, at), f"{at} fraction")
+            if not 0.0 <= fraction <= 1.0:
+                raise SpecError(f"{at}: fraction must be in [0, 1] (the top fraction kept), got {fraction:g}")
+        else:
+            threshold = _number(_substitute(str(raw["threshold"]), params, at), f"{at} threshold")
+            if threshold != threshold:
+                raise SpecError(f"{at}: threshold must be a number, not NaN")
+        over = raw.get("over", "kept")
+        if over not in SELECT_OVER:
+            raise SpecError(f"{at}: over must be one of {', '.join(SELECT_OVER)}, got {over!r}")
+        select = Selection(score=_substitute(raw["score"], params, at), fraction=fraction, threshold=threshold,
+                           over=over)
+    intersect = data.get("intersect", [])
+    if not isinstance(intersect, list) or not all(isinstance(m, str) for m in intersect):
+        raise SpecError(f"{where}: 'intersect' must be a list of strategy names")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise SpecError(f"{where}: 'description' must be a string")
+    spec = StrategySpec(name=name, description=description, rules=tuple(rules), select=select,
+                        intersect=tuple(intersect), datacomp_name=data.get("datacomp_name"),
+                        params=tuple(sorted(params.items())), source=source)
+    if check:
+        check_spec(spec, where)
+    return spec
+
+
+def check_spec(spec: StrategySpec, where: str) -> None:
+    """Every rule parses, names known columns and is a true/false test; the score is numeric."""
+    from pipeline.signals import signal_schema
+
+    schema = signal_schema()
+    for i, rule in enumerate(spec.rules):
+        try:
+            check_rule(rule.expr, schema)
+        except RuleError as exc:
+            raise SpecError(f"{where}: rule {i + 1} ({rule.expr!r}): {exc}") from None
+    if spec.select is not None:
+        score = spec.select.score
+        if score not in schema:
+            raise SpecError(f"{where}: [select] score {score!r} is not a signal column; known columns: "
+                            f"{', '.join(sorted(schema))}")
+        if not schema[score].is_numeric():
+            raise SpecError(f"{where}: [select] score {score!r} is {schema[score]}, not a number")
+    if not (spec.rules or spec.select or spec.intersect) and spec.source != "builtin":
+        raise SpecError(f"{where}: no rules, selection or intersect: it would keep every row (use no_filter)")
+
+
+def read_spec_file(path: Path, overrides: Mapping[str, object] | None = None) -> StrategySpec:
+    """A user's strategy file (TOML)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such strategy file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: not valid TOML ({exc})") from None
+    return spec_from_dict(data, str(path), overrides)
+
+
+def _builtin_data() -> dict[str, dict]:
+    out = {}
+    for path in sorted(SPECS_DIR.glob("*.toml")):
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        out[data["name"]] = data
+    order = ("no_filter", "basic", "text", "image", "laion", "clip", "image_clip")  # DataComp's table order
+    return {n: out[n] for n in sorted(out, key=lambda n: (order.index(n) if n in order else len(order), n))}
+
+
+BUILTIN_SPECS: dict[str, dict] = _builtin_data()
+STRATEGIES: tuple[str, ...] = tuple(BUILTIN_SPECS)  # what --strategy all runs
+ALIASES = {d["datacomp_name"]: n for n, d in BUILTIN_SPECS.items() if d.get("datacomp_name")}
+
+
+def builtin_spec(name: str, overrides: Mapping[str, object] | None = None) -> StrategySpec:
+    return spec_from_dict(BUILTIN_SPECS[name], "builtin", overrides)
+
+
+def is_spec_path(name: str) -> bool:
+    return name.endswith(".toml") or "/" in name
+
+
+def resolve_strategies(names: Sequence[str], overrides: Mapping[str, object] | None = None,
+                       ) -> list[StrategySpec]:
+    """The specs of `names` (built-in names, DataComp's names, "all", or .toml files), without
+    repeats, built-ins in registry order then files in the order given."""
+    chosen: set[str] = set()
+    files: list[StrategySpec] = []
+    for name in names:
+        if name == "all":
+            chosen.update(STRATEGIES)
+        elif name in BUILTIN_SPECS:
+            chosen.add(name)
+        elif name in ALIASES:
+            chosen.add(ALIASES[name])
+        elif is_spec_path(name):
+            spec = read_spec_file(Path(name), overrides)
+            if spec.name in BUILTIN_SPECS or any(s.name == spec.name for s in files):
+                raise SpecError(f"{name}: strategy name {spec.name!r} is already taken (built-in or another "
+                                "file); rename it")
+            files.append(spec)
+        else:
+            raise SpecError(f"unknown strategy {name!r}; choose from {', '.join([*STRATEGIES, 'all'])}, "
+                            f"DataComp's names ({', '.join(ALIASES)}), or a strategy file (.toml)")
+    return [builtin_spec(n, overrides) for n in STRATEGIES if n in chosen] + files
+
+
+def with_members(specs: Sequence[StrategySpec], overrides: Mapping[str, object] | None = None,
+                 ) -> dict[str, StrategySpec]:
+    """`specs` and every strategy they intersect (built-ins by name), by name; a cycle or an
+    unknown member is an error."""
+    known = {s.name: s for s in specs}
+    stack = list(specs)
+    while stack:
+        spec = stack.pop()
+        for member in spec.intersect:
+            if member in known:
+                continue
+            if member in BUILTIN_SPECS or member in ALIASES:
+                known[member] = builtin_spec(ALIASES.get(member, member), overrides)
+                stack.append(known[member])
+            else:
+                raise SpecError(f"{spec.source or spec.name}: intersect names {member!r}, which is neither a "
+                                "built-in strategy nor another strategy of this run")
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise SpecError(f"strategy {name}: intersect forms a cycle ({' -> '.join([*path, name])})")
+        if name in order:
+            return
+        for member in known[name].intersect:
+            visit(ALIASES.get(member, member), (*path, name))
+        order.append(name)
+
+    for name in list(known):
+        visit(name, ())
+    return {n: known[n] for n in order}
+
+
+# --- what a set of strategies needs from the signals pass ---------------------------------------
+def _groups_of(columns: Iterable[str]) -> set[str]:
+    from pipeline.signals import column_groups
+
+    owners = column_groups()
+    return {owners[c] for c in columns}
+
+
+def groups_needed(specs: Iterable[StrategySpec]) -> tuple[str, ...]:
+    """The signal groups the specs' rules and selections read, with what they are computed from."""
+    from pipeline.signals import expand_groups
+
+    return expand_groups(_groups_of(c for s in specs for c in s.columns()))
+
+
+def required_metadata(specs: Iterable[StrategySpec], groups: Iterable[str]) -> tuple[str, ...]:
+    """Metadata columns a run must find in every file: what the groups read, and the pool
+    columns the named signal columns come from (e.g. a CLIP score column)."""
+    from pipeline.signals import SIGNAL_GROUPS
+
+    cols = {c for g in groups for c in SIGNAL_GROUPS[g].reads}
+    declared = {c.name: c for g in SIGNAL_GROUPS.values() for c in g.columns}
+    cols |= {r for s in specs for c in s.columns() for r in declared[c].reads}
+    return tuple(sorted(cols))
+
+
+def signals_needed(specs: Iterable[StrategySpec], keys: Mapping[str, str]) -> dict:
+    """Per gated group, the gates (`pipeline.signals.Gate`) of the rows that need it: for each
+    strategy reading the group, the strategy's rules over strictly cheaper groups."""
+    from pipeline.signals import SIGNAL_GROUPS, Gate, column_groups
+
+    owners = column_groups()
+    gates: dict[str, dict[str, Gate]] = {}
+    for spec in specs:
+        groups_read = _groups_of(spec.columns())
+        for g in (g for g in groups_read if SIGNAL_GROUPS[g].gated):
+            cost = SIGNAL_GROUPS[g].cost
+            cheaper = sorted({r.expr for r in spec.rules
+                              if all(SIGNAL_GROUPS[owners[c]].cost < cost for c in rule_columns(r.expr))})
+            read = sorted({owners[c] for e in cheaper for c in rule_columns(e)})
+            token = (" AND ".join(cheaper) + " @ " + ",".join(keys[x] for x in read)) if cheaper else "*"
+            gates.setdefault(g, {})[token] = Gate(token=token, rules=tuple(cheaper))
+    # A group needed only as an input of another (no strategy reads it) is computed on every row.
+    return {g: tuple(v.values()) for g, v in gates.items()}
+
+
+# --- evaluating a spec on one file's signals ----------------------------------------------------
 @dataclass
 class Funnel:
-    """Sequential counts of one strategy: rows in, then per rule the rows it drops, kept."""
+    """Sequential counts of one strategy: rows in, then per step the rows it drops, kept."""
 
-    rules: tuple[str, ...]
+    steps: tuple[str, ...]
     rows: int = 0
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.dropped = {r: 0 for r in self.rules}
+        self.dropped = {s: 0 for s in self.steps}
 
     def as_dict(self) -> dict:
         steps, remaining = [], self.rows
-        for r in self.rules:
-            steps.append({"rule": r, "in": remaining, "passed": remaining - self.dropped[r],
-                          "dropped": self.dropped[r]})
-            remaining -= self.dropped[r]
+        for s in self.steps:
+            steps.append({"rule": s, "in": remaining, "passed": remaining - self.dropped[s],
+                          "dropped": self.dropped[s]})
+            remaining -= self.dropped[s]
         return {"rows": self.rows, "kept": self.kept, "funnel": steps,
-                "dropped": {r: self.dropped[r] for r in self.rules if self.dropped[r]}}
+                "dropped": {s: self.dropped[s] for s in self.steps if self.dropped[s]}}
 
 
-def apply_rules(rules: Sequence[Rule], columns: Columns, funnel: Funnel) -> np.ndarray:
-    """The keep mask of one file, adding its counts to `funnel`."""
-    n = len(columns)
-    keep = np.ones(n, dtype=bool)
-    for rule in rules:
-        ok = np.asarray(rule.test(columns), dtype=bool)
-        if rule.needs_label is not None:
-            _check_labels(columns, rule, keep)
-        funnel.dropped[rule.name] += int((keep & ~ok).sum())
-        keep &= ok
+def first_failed(outcomes: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """Per row, the index of the step that drops it (len(outcomes) if kept): the first step it
+    fails, or, when it fails none but some outcome is unknown (null), the first unknown one."""
+    k = len(outcomes)
+    first = np.full(n, k, dtype=np.int64)
+    for i in range(k - 1, -1, -1):  # backwards, so the earliest failing step is written last
+        first[outcomes[i][1]] = i
+    undecided = first == k
+    for i in range(k - 1, -1, -1):
+        passes, fails = outcomes[i]
+        first[undecided & ~passes & ~fails] = i
+    return first
+
+
+def spec_outcomes(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[str, float],
+                  members: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(passes, fails) of each funnel step of `spec` on `frame`; `thresholds` holds the
+    resolved threshold of each strategy's selection, `members` the keep masks of the strategies
+    it intersects."""
+    out = [(members[m], ~members[m]) for m in spec.intersect]
+    out += rule_outcomes(frame, [r.expr for r in spec.rules])
+    if spec.select is not None:
+        score = pl.col(spec.select.score) >= thresholds[spec.name]  # compared in the column's dtype
+        s = frame.select(score.alias("s")).get_column("s")
+        out.append((s.fill_null(False).to_numpy().astype(bool), (~s).fill_null(False).to_numpy().astype(bool)))
+    return out
+
+
+def apply_spec(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[str, float],
+               members: Mapping[str, np.ndarray], funnel: Funnel) -> np.ndarray:
+    """The keep mask of `spec` on one file, adding the file's counts to `funnel`."""
+    n = len(frame)
+    outcomes = spec_outcomes(spec, frame, thresholds, members)
+    step = first_failed(outcomes, n)
+    counts = np.bincount(step, minlength=len(outcomes) + 1)
+    for name, c in zip(spec.steps, counts[:-1]):
+        funnel.dropped[name] += int(c)
+    keep = step == len(outcomes)
     funnel.rows += n
     funnel.kept += int(keep.sum())
     return keep
 
 
-def _check_labels(columns: Columns, rule: Rule, reaching: np.ndarray) -> None:
-    """Every readable row that reaches a model rule must have the model's label."""
-    labels = columns[rule.needs_label]
-    unlabeled = reaching & (columns["text_status"] == TextStatus.OK) & ~to_numpy(labels.is_valid())
-    if unlabeled.any():
-        raise RuntimeError(f"{int(unlabeled.sum())} rows reach rule {rule.name} without a {rule.needs_label}: "
-                           "the signals were computed for other strategies; delete the signals folder")
+def selection_values(spec: StrategySpec, frame: pl.DataFrame, members: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The scores DataComp's fraction rule ranks for `spec`'s selection in one file: every row's
+    (over the pool) or the rows passing its rules and members' (over kept); missing as NaN."""
+    from filters.arrays import to_numpy
 
-
-def rule_columns(rules: Sequence[Rule]) -> set[str]:
-    return {c for r in rules for c in r.columns}
+    scores = frame.get_column(spec.select.score).cast(pl.Float64 if frame.schema[spec.select.score] == pl.Float64
+                                                      else pl.Float32)
+    values = to_numpy(scores.to_arrow())
+    if spec.select.over == "pool":
+        return values
+    keep = np.ones(len(frame), dtype=bool)
+    for m in spec.intersect:
+        keep &= members[m]
+    for passes, _ in rule_outcomes(frame, [r.expr for r in spec.rules]):
+        keep &= passes
+    return values[keep]

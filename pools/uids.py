@@ -149,3 +149,15 @@ def _as_string_array(uids) -> pa.Array:
     if not pa.types.is_string(uids.type):
         raise ValueError(f"uids must be strings, got {uids.type}")
     return uids
+
+
+def records_from_halves(hi, lo, rows: np.ndarray | None = None) -> np.ndarray:
+    """``u8,u8`` records from uint64 columns of upper and lower halves (Arrow or NumPy), at `rows`."""
+    hi = hi if isinstance(hi, np.ndarray) else hi.to_numpy()  # uint64, never null: no pandas
+    lo = lo if isinstance(lo, np.ndarray) else lo.to_numpy()
+    if rows is not None:
+        hi, lo = hi[rows], lo[rows]
+    records = np.empty(len(hi), dtype=UID_DTYPE)
+    records["f0"] = hi
+    records["f1"] = lo
+    return records

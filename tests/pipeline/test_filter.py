@@ -138,10 +138,11 @@ def test_stats_account_for_every_row(all_run):
 def test_manifest(all_run):
     out, _ = all_run
     m = json.loads((out / "manifest.json").read_text())
-    assert m["signals"]["groups"] == ["base", "text", "entity", "cld3", "fasttext", "centroid"]
+    assert m["signals"]["groups"] == ["base", "size", "text", "image_embedding", "entity", "fasttext", "cld3",
+                                      "centroid", "target_centroid"]
     assert m["signals"]["files_computed"] == 4
     assert m["signals"]["computed_by"] == {"ray": 4}
-    assert m["models"]["fasttext_lid"]["path"].endswith("lid.176.ftz")
+    assert m["models"]["fasttext"]["path"].endswith("lid.176.ftz")
     assert m["models"]["centroids"]["shape"] == [13, 768]
     assert {"numpy", "pyarrow", "ray", "nltk"} <= set(m["versions"])
     assert m["timings"]["total_s"] > 0
