@@ -222,14 +222,15 @@ def test_strategies_run_one_after_another_on_shared_signals(all_run, pool, image
         main(common + ["--strategy", strategy])
         assert (tmp_path / f"{strategy}.npy").read_bytes() == (all_run[0] / f"{strategy}.npy").read_bytes()
         header = read_signals_header(sorted(signals.glob("*.parquet"))[0])
-        gates.append(len(header.get("fasttext_gates", [])))
+        gates.append(len(header.get("gates", {}).get("fasttext", [])))
     assert gates[:4] == [1, 2, 2, 3]
     labels = pq.read_table(signals, columns=["fasttext_lang", "text_status"])
     assert labels.column("fasttext_lang").null_count > labels.column("text_status").to_numpy().astype(bool).sum()
 
 
-def test_missing_labels_are_caught_not_silently_dropped(pool, tmp_path):
-    """A signals file that claims a gate it does not cover fails loudly at the English rule."""
+def test_a_gate_not_covered_is_filled_in(all_run, pool, tmp_path):
+    """Labels a stored file lacks for a gate it does not claim are computed by the next run,
+    keeping the others: the subset equals the all-at-once run's."""
     import json as _json
 
     from pipeline.signals import METADATA_KEY
@@ -237,21 +238,25 @@ def test_missing_labels_are_caught_not_silently_dropped(pool, tmp_path):
     signals = tmp_path / "signals"
     common = ["--pool", str(pool), "--out", str(tmp_path), "--executor", "local", "--signals-dir", str(signals),
               "--quiet"]
-    main(common + ["--strategy", "basic"])
-    main(common + ["--strategy", "text"])  # entity computed, text gate covered
+    main(common + ["--strategy", "basic", "text"])
     path = sorted(signals.glob("*.parquet"))[0]
     table = pq.read_table(path)
     header = _json.loads(table.schema.metadata[METADATA_KEY])
     labels = table.column("fasttext_lang").to_pylist()
     entity = table.column("imagenet21k_entity").to_pylist()
     words = table.column("caption_words").to_pylist()
-    # forget the labels of entity rows that the basic gate would not have labelled
-    labels = [None if (e and w <= 2) else lab for lab, e, w in zip(labels, entity, words)]
+    # forget the labels of entity rows that the basic gate would not have labelled, and the text gate
+    forget = [bool(e) and w <= 2 and lab is not None for lab, e, w in zip(labels, entity, words)]
+    assert sum(forget) >= 1
+    labels = [None if f else lab for lab, f in zip(labels, forget)]
+    header["gates"]["fasttext"] = [t for t in header["gates"]["fasttext"] if "imagenet21k_entity" not in t]
     table = table.set_column(table.schema.get_field_index("fasttext_lang"), "fasttext_lang",
                              pa.array(labels, pa.string()).dictionary_encode())
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: _json.dumps(header)}), path)
-    with pytest.raises(RuntimeError, match="without a fasttext_lang"):
-        main(common + ["--strategy", "text"])
+    main(common + ["--strategy", "text"])
+    assert (tmp_path / "text.npy").read_bytes() == (all_run[0] / "text.npy").read_bytes()
+    refilled = pq.read_table(path).column("fasttext_lang").to_pylist()
+    assert all(refilled[i] is not None for i, f in enumerate(forget) if f)
 
 
 @pytest.fixture(scope="module")
@@ -316,4 +321,5 @@ def test_rows_without_an_image_embedding_are_never_kept(pool_with_missing_images
     signals = pq.read_table(pool / "signals", columns=["uid_hi", "nearest_centroid", "image_embedding_missing"])
     no_image = signals.column("image_embedding_missing").to_numpy()
     assert no_image.sum() == len(missing)
-    assert (signals.column("nearest_centroid").to_numpy()[no_image] == -1).all()
+    nearest = signals.column("nearest_centroid").to_pylist()  # -1: no embedding; null: not needed
+    assert all(nearest[i] in (-1, None) for i in np.flatnonzero(no_image))

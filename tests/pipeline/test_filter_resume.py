@@ -141,4 +141,4 @@ def test_lid_model_change_invalidates_caption_signals(tmp_path):
     main(common + ["--lid-model", str(copy)])
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["signals"]["files_computed"] == 1
-    assert m["models"]["fasttext_lid"]["path"] == str(copy)
+    assert m["models"]["fasttext"]["path"] == str(copy)
