@@ -442,7 +442,9 @@ def _selection_rounds(specs: Mapping[str, StrategySpec]) -> list[list[str]]:
 
 
 def _members(name: str, specs: Mapping[str, StrategySpec]) -> list[str]:
-    return [s.name for s in _closure(specs[name], specs) if s.name != name]
+    """What `name` intersects, recursively, members before the strategies intersecting them."""
+    closure = {s.name for s in _closure(specs[name], specs)}
+    return [n for n in specs if n in closure and n != name]
 
 
 def _needs_threshold(name: str, specs: Mapping[str, StrategySpec], known: set[str]) -> bool:

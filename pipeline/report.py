@@ -39,22 +39,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from filters.clip_score import ClipScore
-from filters.image_size import ImageSize
-from filters.language import Language
-from filters.laion import Laion2B
-from filters.text import CaptionLength, CaptionPrefilter
+from filters.expressions import signal_frame
 from pools.files import atomic_path
 from pools.format import SCORE_COLUMNS, Pool, read_metadata
 from pools.uids import UID_DTYPE, read_subset, records_to_uids, subset_counts, uids_to_records
 
-from pipeline.strategies import Columns, QueryParams, Rule, rules_for
+from pipeline.strategies import StrategySpec, first_failed, spec_from_dict, spec_outcomes
 
 STATS_FILE = "stats.json"
 MANIFEST_FILE = "manifest.json"
-# The image-based rule's target centroids are not in stats.json or manifest.json (only their
-# count), so its outcome is taken from the subset file instead of recomputed.
-RULES_WITHOUT_RECORDED_INPUTS = frozenset({"nearest_centroid_in_targets"})
+# A rule "<score column> >= <number>" draws a line on that score's histogram (a reading of the
+# rule's text for the plot only; the outcomes are computed by the rules themselves).
+_SCORE_RULE = re.compile(r"\s*(clip_\w+_similarity_score)\s*>=\s*([-+0-9.eE]+)\s*")
 SCORE_BIN_EDGES = np.linspace(-1.0, 1.0, 401)  # cosine similarities; 0.005 wide, fixed so files add up
 KEPT = "kept"
 DROPPED = "dropped"  # the outcome when the rules cannot be recomputed: dropped, by some rule
@@ -203,16 +199,28 @@ class ScoreHistogram:
         return int(self.counts.sum())
 
 
+def _entry_specs(entry: dict) -> dict[str, dict]:
+    """A stats.json entry's spec and the specs it intersects, as recorded."""
+    spec = entry.get("spec") or {}
+    return {**entry.get("members", {}), **({spec["name"]: spec} if spec else {})}
+
+
 def score_thresholds(stats: dict) -> dict[str, list[tuple[str, float]]]:
-    """Score column -> [(strategies, threshold)] from stats.json; strategies sharing one are merged."""
+    """Score column -> [(strategies, threshold)] from the specs and resolved selections in
+    stats.json; strategies sharing one are merged."""
     found: dict[str, dict[float, list[str]]] = {}
     for name, entry in stats["strategies"].items():
-        if entry.get("column") in SCORE_COLUMNS.values() and entry.get("threshold") is not None:
-            label = name + (f" (top {entry['fraction']:.0%})" if entry.get("fraction") is not None else "")
-            found.setdefault(entry["column"], {}).setdefault(float(entry["threshold"]), []).append(label)
-        if entry.get("min_b32_score") is not None:
-            found.setdefault(SCORE_COLUMNS["b32"], {}).setdefault(float(entry["min_b32_score"]), []).append(name)
-    return {col: [(", ".join(names), t) for t, names in sorted(by_value.items())]
+        for spec in _entry_specs(entry).values():
+            for rule in spec.get("rules", []):
+                m = _SCORE_RULE.fullmatch(rule["rule"])
+                if m:
+                    found.setdefault(m.group(1), {}).setdefault(float(m.group(2)), []).append(name)
+        for sel in entry.get("selections", {}).values():
+            if sel.get("column") in SCORE_COLUMNS.values() and sel.get("threshold") is not None \
+                    and np.isfinite(sel["threshold"]):
+                label = name + (f" (top {sel['fraction']:.0%})" if sel.get("fraction") is not None else "")
+                found.setdefault(sel["column"], {}).setdefault(float(sel["threshold"]), []).append(label)
+    return {col: [(", ".join(dict.fromkeys(names)), t) for t, names in sorted(by_value.items())]
             for col, by_value in found.items()}
 
 
@@ -292,35 +300,10 @@ def overlap_png(ov: Overlaps) -> bytes:
 
 
 # --- d. examples: per-row outcomes ------------------------------------------------------------
-def strategy_params(entry: dict) -> QueryParams:
-    """The rules' parameters as stats.json records them for one strategy."""
-    kw: dict = {}
-    if "language" in entry:
-        kw["language"] = Language(**entry["language"])
-    if "caption" in entry:
-        kw["caption_length"] = CaptionLength(**entry["caption"])
-    if "image" in entry:
-        kw["image_size"] = ImageSize(**entry["image"])
-    if "caption_prefilter" in entry:
-        kw["caption_prefilter"] = CaptionPrefilter(**entry["caption_prefilter"])
-    if "min_b32_score" in entry:
-        kw["laion"] = Laion2B(min_b32_score=entry["min_b32_score"],
-                              language=Language(**entry.get("language", {})))
-    if entry.get("threshold") is not None:
-        kw["clip"] = ClipScore(arch=entry.get("arch", "l14"), threshold=float(entry["threshold"]), fraction=None)
-        kw["clip_threshold"] = float(entry["threshold"])
-    # Any ids will do: the rule that reads them is decided by the subset file (see above).
-    kw["target_ids"] = np.empty(0, dtype=np.int64)
-    return QueryParams(**kw)
-
-
 def first_failed_rule(passes: Sequence[np.ndarray], n: int) -> np.ndarray:
     """Per row, the index of the first rule it fails (as the funnel counts drops);
     len(passes) for a row that passes them all."""
-    first = np.full(n, len(passes), dtype=np.int64)
-    for i in range(len(passes) - 1, -1, -1):
-        first[~np.asarray(passes[i], dtype=bool)] = i
-    return first
+    return first_failed([(np.asarray(p, bool), ~np.asarray(p, bool)) for p in passes], n)
 
 
 @dataclass(frozen=True)
@@ -333,32 +316,26 @@ class Outcomes:
     note: str | None = None
 
 
-def rule_outcomes(rules: Sequence[Rule], columns: Columns, kept: np.ndarray) -> Outcomes:
-    """Which rule drops each row, from the rules recomputed on `columns`; the subset file
-    (`kept`) decides the last rule, so rules whose inputs are not recorded need no recomputing."""
-    n = len(columns)
+def strategy_outcomes(spec: StrategySpec, members: dict[str, StrategySpec], frame, thresholds: dict,
+                      kept: np.ndarray) -> Outcomes:
+    """Which step drops each row, recomputed from the recorded spec on `frame`; `kept` (the
+    subset file) counts the rows where the recomputation disagrees."""
+    n = len(frame)
     kept = np.asarray(kept, dtype=bool)
-    if not rules:
-        return Outcomes((KEPT,), np.zeros(n, np.int64), int((~kept).sum()))
     try:
-        passes = [np.asarray(r.test(columns), dtype=bool) for r in rules[:-1]]
-    except KeyError as exc:
-        # Signals of another run (or none): only kept/dropped can be told apart.
-        outcome = np.where(kept, 1, 0)
-        return Outcomes((DROPPED, KEPT), outcome,
-                        note=f"per-rule outcomes need signal column {exc}; run pipeline.filter on this pool "
-                             "to store its signals")
-    outcome = first_failed_rule([*passes, kept], n)
-    mismatches = int((kept & (outcome < len(rules) - 1)).sum())
-    last = rules[-1]
-    if last.name not in RULES_WITHOUT_RECORDED_INPUTS:
-        try:
-            recomputed = np.asarray(last.test(columns), dtype=bool)
-            reaching = outcome >= len(rules) - 1
-            mismatches += int((reaching & (recomputed != kept)).sum())
-        except KeyError:
-            pass
-    return Outcomes((*(r.name for r in rules), KEPT), outcome, mismatches)
+        masks: dict[str, np.ndarray] = {}
+        for name, member in members.items():
+            outcomes = spec_outcomes(member, frame, thresholds, masks)
+            masks[name] = first_failed(outcomes, n) == len(outcomes)
+        outcome = first_failed(spec_outcomes(spec, frame, thresholds, masks), n)
+    except Exception as exc:  # a column the signals of this pool do not hold (or no signals at all)
+        missing = re.search(r'column "?\'?(\w+)', str(exc))
+        what = f"signal column {missing.group(1)!r}" if missing else f"its signal columns ({exc})"
+        return Outcomes((DROPPED, KEPT), np.where(kept, 1, 0),
+                        note=f"per-step outcomes need {what}; run pipeline.filter on this pool to store its signals")
+    steps = spec.steps
+    mismatches = int((kept != (outcome == len(steps))).sum())
+    return Outcomes((*steps, KEPT), outcome, mismatches)
 
 
 def _signals_dir(cfg: ReportConfig, manifest: dict) -> Path:
@@ -422,17 +399,20 @@ def _row_records(table: pa.Table) -> np.ndarray:
 
 
 def all_outcomes(table: pa.Table, stats: dict, kept: dict[str, np.ndarray]) -> dict[str, Outcomes]:
-    """Every strategy's outcomes for the rows of `table`."""
+    """Every strategy's outcomes for the rows of `table`, from the specs stats.json records."""
     if table.num_rows == 0:
         return {}
-    columns = Columns(table)
+    frame = signal_frame(table)
     records = _row_records(table)
     out = {}
     for name, entry in stats["strategies"].items():
-        if name not in kept:
+        if name not in kept or "spec" not in entry:
             continue
-        rules = rules_for(name, strategy_params(entry))
-        out[name] = rule_outcomes(rules, columns, subset_counts(kept[name], records) > 0)
+        specs = {n: spec_from_dict(d, "stats.json", check=False) for n, d in _entry_specs(entry).items()}
+        thresholds = {n: float(sel["threshold"]) for n, sel in entry.get("selections", {}).items()}
+        members = {n: s for n, s in specs.items() if n != name}
+        out[name] = strategy_outcomes(specs[name], members, frame, thresholds,
+                                      subset_counts(kept[name], records) > 0)
     return out
 
 

@@ -92,7 +92,7 @@ def test_sections_hold_the_numbers(filtered, report):
         assert re.search(rf"<td>{name}</td><td>rows in</td>.*?<td>kept</td><td class=num>{entry['kept']:,}</td>",
                          page), name
     # b. the thresholds that were applied
-    clip_t = stats["strategies"]["clip"]["threshold"]
+    clip_t = stats["strategies"]["clip"]["selections"]["clip"]["threshold"]
     assert f"clip (top 30%), image_clip (top 30%) keep score ≥ {clip_t:.6g}" in page
     assert "clip_b32_similarity_score: laion keep score ≥ 0.28" in page
     # c. overlaps equal set intersections of the uid files
@@ -174,10 +174,13 @@ def test_overlaps_and_thresholds():
     assert ov.intersections.tolist() == [[4, 2, 0], [2, 3, 0], [0, 0, 0]]
     assert ov.jaccard[0, 1] == pytest.approx(2 / 5) and ov.jaccard[0, 2] == 0
     assert np.isnan(ov.jaccard[2, 2])  # two empty subsets: nothing to compare
+    top = {"column": "clip_l14_similarity_score", "threshold": 0.3, "fraction": 0.3}
     stats = {"strategies": {
-        "clip": {"column": "clip_l14_similarity_score", "threshold": 0.3, "fraction": 0.3},
-        "image_clip": {"column": "clip_l14_similarity_score", "threshold": 0.3, "fraction": 0.3},
-        "laion": {"min_b32_score": 0.28}, "basic": {}}}
+        "clip": {"selections": {"clip": top}},
+        "image_clip": {"selections": {"clip": top}},
+        "laion": {"spec": {"name": "laion", "rules": [{"name": "b", "rule": "clip_b32_similarity_score >= 0.28"},
+                                                      {"name": "c", "rule": "cld3_lang = 'en'"}]}},
+        "basic": {}}}
     assert score_thresholds(stats) == {
         "clip_l14_similarity_score": [("clip (top 30%), image_clip (top 30%)", 0.3)],
         "clip_b32_similarity_score": [("laion", 0.28)]}
