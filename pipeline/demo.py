@@ -211,7 +211,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from pipeline.centroids import main as centroids_main
     from pipeline.filter import main as filter_main
     from pipeline.reshard import main as reshard_main
-    from pipeline.strategies import resolve_strategy_names
+    from pipeline.strategies import is_spec_path, resolve_strategies
     from trainer.evaluate import evaluate
 
     started = time.perf_counter()
@@ -219,7 +219,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
     executor = ["--executor", "ray" if cfg.use_ray else "local"]
-    strategies = resolve_strategy_names(list(cfg.strategies))
+    specs = {s.name: s for s in resolve_strategies(list(cfg.strategies))}
+    strategies = list(specs)
+    spec_files = [name for name in cfg.strategies if is_spec_path(name)]
 
     # What each stage's outputs depend on: a change upstream invalidates everything below it.
     pool_settings = {"seed": cfg.seed, "scale": cfg.scale, "pool_samples": cfg.pool_size(),
@@ -246,16 +248,20 @@ def run_demo(cfg: DemoConfig) -> dict:
                lambda: centroids_main(["--pool", str(cfg.pool), "--scale", cfg.scale, "--out", str(centroids),
                                        "--seed", str(cfg.seed), *executor]))
     subsets = out / "subsets"
-    filter_settings = scored_settings  # every strategy is filtered (seconds); --strategy picks what trains
+    # Every built-in strategy is filtered (seconds), with the user's spec files; --strategy picks
+    # what trains. A strategy's later stages depend on its own spec only.
+    filter_settings = {**scored_settings, "spec_files": {specs[n].source: specs[n].hash for n in specs
+                                                         if specs[n].source != "builtin"}}
+    strategy_settings = {n: {**scored_settings, "spec": specs[n].hash} for n in strategies}
     stages.run("filter", filter_settings,
                lambda: _filter_summary(filter_main([
-                   "--pool", str(cfg.pool), "--scale", cfg.scale, "--strategy", "all",
+                   "--pool", str(cfg.pool), "--scale", cfg.scale, "--strategy", "all", *spec_files,
                    "--centroids", str(centroids), "--targets", str(teachers / "data"),
                    "--targets-model", str(teachers / "l14"), "--out", str(subsets), *executor])),
                outputs=[subsets])
     empty = []
     for name in strategies:
-        resharded = stages.run(f"reshard_{name}", filter_settings,
+        resharded = stages.run(f"reshard_{name}", strategy_settings[name],
                                lambda name=name: _reshard_summary(reshard_main([
                                    "--pool", str(cfg.pool), "--subset", str(subsets / f"{name}.npy"),
                                    "--out", str(out / "shards" / name),
@@ -268,8 +274,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         _log(f"not trained: {', '.join(empty)} kept no sample with an image (see {subsets / 'stats.json'})")
 
     runs = []
-    train_settings = {**filter_settings, "samples_seen": cfg.samples_seen}
     for name in (s for s in strategies if s not in empty):
+        train_settings = {**strategy_settings[name], "samples_seen": cfg.samples_seen}
         for seed in cfg.train_seeds:
             run = out / "runs" / f"{name}-seed{seed}"
             runs.append(run)
@@ -313,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training run per strategy and seed; several give the seed-to-seed noise "
                         "(default: 0)")
     p.add_argument("--strategy", nargs="+", default=list(DemoConfig.strategies), dest="strategies",
-                   help="strategies to compare (default: all)")
+                   help="strategies to compare: built-in names, all (default), and strategy files (.toml), "
+                        "which are filtered, trained and compared beside the built-ins")
     p.add_argument("--workers", type=int, default=DemoConfig.workers, help="data loader processes per run")
     p.add_argument("--no-ray", action="store_true", help="run the pipeline stages without Ray")
     g = p.add_argument_group("a smaller demo (tests, quick looks; the runs are then non-standard)")

@@ -121,6 +121,10 @@ def register_signal(group: SignalGroup) -> SignalGroup:
     unknown = [c for c in group.signals if c not in known]
     if unknown:
         raise ValueError(f"signal group {group.name!r} reads {', '.join(unknown)}, which no earlier group computes")
+    costlier = [c for c in group.signals if SIGNAL_GROUPS[known[c]].cost > group.cost]
+    if costlier:
+        raise ValueError(f"signal group {group.name!r} (cost {group.cost}) reads {', '.join(costlier)} of a "
+                         "costlier group: give it at least that group's cost")
     bad_models = [m for m in group.models if m not in MODELS]
     if bad_models:
         raise ValueError(f"signal group {group.name!r}: unknown model(s) {', '.join(bad_models)}; "
@@ -202,7 +206,8 @@ def group_dependencies(group: SignalGroup) -> tuple[str, ...]:
 
 
 def expand_groups(groups: Iterable[str]) -> tuple[str, ...]:
-    """`groups`, base and the groups they read, in registry (= computation) order."""
+    """`groups`, base and the groups they read, in computation order: cheaper groups first (their
+    rules gate the costlier ones), registry order among equals."""
     wanted: set[str] = set()
     stack = ["base", *groups]
     while stack:
@@ -212,7 +217,8 @@ def expand_groups(groups: Iterable[str]) -> tuple[str, ...]:
         if g not in wanted:
             wanted.add(g)
             stack.extend(group_dependencies(SIGNAL_GROUPS[g]))
-    return tuple(g for g in SIGNAL_GROUPS if g in wanted)
+    order = list(SIGNAL_GROUPS)
+    return tuple(sorted(wanted, key=lambda g: (SIGNAL_GROUPS[g].cost, order.index(g))))
 
 
 def group_keys(groups: Sequence[str], models: ModelSettings) -> dict[str, str]:
@@ -324,7 +330,7 @@ def groups_to_compute(parquet: Path, signals_file: Path, spec: SignalsSpec) -> t
     if "npz" in sources and header.get("sources", {}).get("npz") != sources["npz"]:
         stored = {g: k for g, k in stored.items() if not SIGNAL_GROUPS.get(g) or not SIGNAL_GROUPS[g].npz_keys}
     todo: dict[str, str] = {}
-    for g in spec.groups:  # registry order: a group's inputs are decided before it
+    for g in spec.groups:  # computation order: a group's inputs are decided before it
         group = SIGNAL_GROUPS[g]
         if stored.get(g) != spec.keys[g] or any(d in todo for d in group_dependencies(group)):
             todo[g] = "new"

@@ -138,7 +138,7 @@ def test_stats_account_for_every_row(all_run):
 def test_manifest(all_run):
     out, _ = all_run
     m = json.loads((out / "manifest.json").read_text())
-    assert m["signals"]["groups"] == ["base", "size", "text", "image_embedding", "entity", "fasttext", "cld3",
+    assert m["signals"]["groups"] == ["base", "size", "text", "entity", "fasttext", "cld3", "image_embedding",
                                       "centroid", "target_centroid"]
     assert m["signals"]["files_computed"] == 4
     assert m["signals"]["computed_by"] == {"ray": 4}
