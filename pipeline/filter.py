@@ -1,18 +1,20 @@
 """Every DataComp subset of a pool, uid-exact: ``python -m pipeline.filter``.
 
     python -m pipeline.filter --pool PATH --scale S --strategy {no_filter,basic,text,image,laion,
-        clip,image_clip,all} [--arch b32|l14] [--fraction F | --threshold T] [--centroids FILE]
-        [--targets FILE|DIR ...] --out DIR [--ray-address ADDR] [--num-workers N]
+        clip,image_clip,all,FILE.toml ...} [--arch b32|l14] [--fraction F | --threshold T]
+        [--centroids FILE] [--targets FILE|DIR ...] --out DIR [--ray-address ADDR] [--num-workers N]
 
+Every strategy is a spec (`pipeline.strategies`; the built-ins are ``pipeline/specs/*.toml``).
 Three steps (see `pipeline.signals` and `pipeline.strategies`):
 
 1. **Signals**: one Ray Data job computes, per metadata file, every per-row signal the chosen
    strategies need (language labels, caption lengths, WordNet hits, nearest centroids, ...)
    into ``<signals-dir>/<stem>.parquet``; a rerun reuses what is stored. Strategies that read
    only stored columns (no_filter, clip) skip this step and Ray entirely.
-2. **Global step**: ``--fraction`` becomes DataComp's threshold (the (int(N*f)+1)-th largest
-   score of the whole pool) exactly, with constant memory (`filters.clip_score`).
-3. **Queries**: each strategy is a list of rules over the signal columns; kept uids are
+2. **Global step**: each selection's fraction becomes DataComp's threshold (the (int(N*f)+1)-th
+   largest score over the pool or the rows the rules kept) exactly, with constant memory
+   (`filters.clip_score`).
+3. **Queries**: each strategy's rules are Polars expressions over the signal columns; kept uids are
    written as ``<out>/<strategy>.npy`` in DataComp's format (sorted ``u8,u8``), with a funnel
    in ``<out>/stats.json`` and inputs, parameters, versions and timings in
    ``<out>/manifest.json``.
