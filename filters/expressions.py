@@ -63,8 +63,6 @@ def signal_frame(table: pa.Table | Mapping[str, pa.Array | pa.ChunkedArray | np.
     if columns is not None:
         table = table.select(list(dict.fromkeys(columns)))
     frame = pl.from_arrow(table, rechunk=False)
-    if isinstance(frame, pl.Series):  # a one-column table comes back as a frame; be safe
-        frame = frame.to_frame()
     floats = [n for n, t in frame.schema.items() if t in (pl.Float32, pl.Float64)]
     if floats:
         frame = frame.with_columns(pl.col(floats).fill_nan(None))
