@@ -16,17 +16,20 @@ float32, as NumPy 2 compares a float32 column with a Python float), which is Dat
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 class RuleError(ValueError):
     """A rule that does not parse, names an unknown column or is not a true/false test."""
 
 
+@functools.lru_cache(maxsize=4096)  # parsed once per process: a rule is evaluated on every file
 def compile_rule(expr: str) -> pl.Expr:
     """The Polars expression of one rule (raises `RuleError` if it does not parse)."""
     try:
@@ -62,28 +65,32 @@ def signal_frame(table: pa.Table | Mapping[str, pa.Array | pa.ChunkedArray | np.
         table = pa.table(dict(table))
     if columns is not None:
         table = table.select(list(dict.fromkeys(columns)))
-    frame = pl.from_arrow(table, rechunk=False)
-    floats = [n for n, t in frame.schema.items() if t in (pl.Float32, pl.Float64)]
-    if floats:
-        frame = frame.with_columns(pl.col(floats).fill_nan(None))
-    return frame
+    # NaN to null in Arrow, and only in the columns holding one: a Polars query per file costs
+    # more than the conversion on files of a few thousand rows.
+    for i, field in enumerate(table.schema):
+        if pa.types.is_floating(field.type):
+            column = table.column(i)
+            nan = pc.is_nan(column)
+            if pc.any(nan).as_py():
+                table = table.set_column(i, field, pc.if_else(nan, pa.scalar(None, field.type), column))
+    return pl.from_arrow(table, rechunk=False)
 
 
-def rule_outcomes(frame: pl.DataFrame, exprs: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(passes, fails) masks of each rule on `frame`; a null outcome is in neither."""
+def rule_outcomes(frame: pl.DataFrame, exprs: Sequence[str | pl.Expr]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(passes, fails) masks of each rule (a rule string or a boolean Polars expression) on
+    `frame`; a null outcome is in neither."""
     if not exprs:
         return []
-    names = [f"r{i}" for i in range(len(exprs))]
-    out = frame.select([compile_rule(e).alias(n) for e, n in zip(exprs, names)])
-    results = []
-    for n in names:
-        s = out.get_column(n)
-        if len(s) != len(frame):  # a rule that reads no column (``TRUE``) is one value
-            s = pl.repeat(s[0], len(frame), eager=True, dtype=pl.Boolean)
-        passes = s.fill_null(False).to_numpy()
-        fails = (~s).fill_null(False).to_numpy()
-        results.append((np.asarray(passes, dtype=bool), np.asarray(fails, dtype=bool)))
-    return results
+    tests = [compile_rule(e) if isinstance(e, str) else e for e in exprs]
+    # One query for every rule, as a pass and a fail column each: on a file of a few thousand
+    # rows a query costs more than the rules, so a query per rule (or per Series operation)
+    # would be most of the time.
+    out = frame.select([c for i, t in enumerate(tests)
+                        for c in (t.fill_null(False).alias(f"p{i}"), (~t).fill_null(False).alias(f"f{i}"))])
+    matrix = np.asfortranarray(out.to_numpy(), dtype=bool)
+    if matrix.shape[0] != len(frame):  # only rules that read no column (``TRUE``): one row
+        matrix = np.asfortranarray(np.broadcast_to(matrix[:1], (len(frame), matrix.shape[1])))
+    return [(matrix[:, 2 * i], matrix[:, 2 * i + 1]) for i in range(len(tests))]
 
 
 def all_pass(frame: pl.DataFrame, exprs: Sequence[str]) -> np.ndarray:

@@ -50,9 +50,9 @@ from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, n
 from pools.scales import SCALES, get_scale
 from pools.uids import records_from_halves, uids_to_records, write_subset
 
-from pipeline.strategies import (ALIASES, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, groups_needed,
-                                 required_metadata, resolve_strategies, selection_values, signals_needed,
-                                 with_members)
+from pipeline.strategies import (ALIASES, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, evaluate_steps,
+                                 groups_needed, required_metadata, resolve_strategies, selection_values,
+                                 signals_needed, with_members)
 
 DATA_ROOT_ENV = "DATACOMP_DATA_ROOT"
 CACHE_BUDGET_BYTES = 256 << 20  # columns kept in memory between passes over the pool
@@ -422,9 +422,10 @@ def keep_masks(frame, specs: Mapping[str, StrategySpec], thresholds: Mapping[str
     """Every strategy's keep mask on one file (members before the strategies intersecting them),
     adding to `funnels` when given."""
     masks: dict[str, np.ndarray] = {}
+    evaluated = evaluate_steps(frame, specs.values(), thresholds)
     for name, spec in specs.items():
         funnel = funnels[name] if funnels is not None else Funnel(steps=spec.steps)
-        masks[name] = apply_spec(spec, frame, thresholds, masks, funnel)
+        masks[name] = apply_spec(spec, frame, thresholds, masks, funnel, evaluated)
     return masks
 
 
@@ -466,14 +467,17 @@ def resolve_thresholds(source: "TableSource", specs: Mapping[str, StrategySpec])
             sel = specs[n].select
             shared.setdefault((sel.score, sel.fraction) if sel.over == "pool" else ("spec", n), []).append(n)
         needed = {m: specs[m] for m in specs if m in _members_of(ready, specs)}
+        ranked = [specs[n] for n in ready]
+        columns = {c for s in [*ranked, *needed.values()] for c in s.columns()}
         active: dict[tuple, DescendingRankSelector | None] = {k: None for k in shared}
         while active:
             counts = {k: 0 for k in active}
             for _, table in source:
-                frame = signal_frame(table)
+                frame = signal_frame(table, [c for c in table.column_names if c in columns])
                 members = keep_masks(frame, needed, thresholds) if needed else {}
+                evaluated = evaluate_steps(frame, [specs[shared[k][0]] for k in active if k[0] == "spec"], {})
                 for k in active:
-                    values = selection_values(specs[shared[k][0]], frame, members)
+                    values = selection_values(specs[shared[k][0]], frame, members, evaluated)
                     if active[k] is None:
                         active[k] = DescendingRankSelector(values.dtype if values.dtype == np.float64 else np.float32,
                                                            specs[shared[k][0]].select.fraction)

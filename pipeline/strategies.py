@@ -417,25 +417,46 @@ def first_failed(outcomes: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> n
     return first
 
 
+def evaluate_steps(frame: pl.DataFrame, specs: Iterable[StrategySpec],
+                   thresholds: Mapping[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(passes, fails) of every distinct rule of `specs`, and of each selection whose threshold
+    is known (keyed ``"<score> >= <threshold>"``), on `frame`, in one query."""
+    tests: dict[str, str | pl.Expr] = {}
+    for spec in specs:
+        for rule in spec.rules:
+            tests.setdefault(rule.expr, rule.expr)
+        if spec.select is not None and spec.name in thresholds:
+            # compared in the column's dtype, as DataComp's NumPy comparison
+            tests.setdefault(_selection_key(spec, thresholds), pl.col(spec.select.score) >= thresholds[spec.name])
+    return dict(zip(tests, rule_outcomes(frame, list(tests.values()))))
+
+
+def _selection_key(spec: StrategySpec, thresholds: Mapping[str, float]) -> str:
+    return f"{spec.select.score} >= {thresholds[spec.name]!r}"
+
+
 def spec_outcomes(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[str, float],
-                  members: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+                  members: Mapping[str, np.ndarray],
+                  evaluated: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(passes, fails) of each funnel step of `spec` on `frame`; `thresholds` holds the
     resolved threshold of each strategy's selection, `members` the keep masks of the strategies
-    it intersects."""
+    it intersects, `evaluated` (optional) what `evaluate_steps` gave for this frame."""
+    if evaluated is None:
+        evaluated = evaluate_steps(frame, [spec], thresholds)
     out = [(members[m], ~members[m]) for m in spec.intersect]
-    out += rule_outcomes(frame, [r.expr for r in spec.rules])
+    out += [evaluated[r.expr] for r in spec.rules]
     if spec.select is not None:
-        score = pl.col(spec.select.score) >= thresholds[spec.name]  # compared in the column's dtype
-        s = frame.select(score.alias("s")).get_column("s")
-        out.append((s.fill_null(False).to_numpy().astype(bool), (~s).fill_null(False).to_numpy().astype(bool)))
+        out.append(evaluated[_selection_key(spec, thresholds)])
     return out
 
 
 def apply_spec(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[str, float],
-               members: Mapping[str, np.ndarray], funnel: Funnel) -> np.ndarray:
+               members: Mapping[str, np.ndarray], funnel: Funnel,
+               evaluated: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """The keep mask of `spec` on one file, adding the file's counts to `funnel`."""
     n = len(frame)
-    outcomes = spec_outcomes(spec, frame, thresholds, members)
+    outcomes = spec_outcomes(spec, frame, thresholds, members, evaluated)
     step = first_failed(outcomes, n)
     counts = np.bincount(step, minlength=len(outcomes) + 1)
     for name, c in zip(spec.steps, counts[:-1]):
@@ -446,7 +467,8 @@ def apply_spec(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[str,
     return keep
 
 
-def selection_values(spec: StrategySpec, frame: pl.DataFrame, members: Mapping[str, np.ndarray]) -> np.ndarray:
+def selection_values(spec: StrategySpec, frame: pl.DataFrame, members: Mapping[str, np.ndarray],
+                     evaluated: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """The scores DataComp's fraction rule ranks for `spec`'s selection in one file: every row's
     (over the pool) or the rows passing its rules and members' (over kept); missing as NaN."""
     from filters.arrays import to_numpy
@@ -456,9 +478,11 @@ def selection_values(spec: StrategySpec, frame: pl.DataFrame, members: Mapping[s
     values = to_numpy(scores.to_arrow())
     if spec.select.over == "pool":
         return values
+    if evaluated is None:
+        evaluated = evaluate_steps(frame, [spec], {})
     keep = np.ones(len(frame), dtype=bool)
     for m in spec.intersect:
         keep &= members[m]
-    for passes, _ in rule_outcomes(frame, [r.expr for r in spec.rules]):
-        keep &= passes
+    for rule in spec.rules:
+        keep &= evaluated[rule.expr][0]
     return values[keep]
