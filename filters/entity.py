@@ -151,10 +151,11 @@ def entity_hit_mask(texts: pa.Array, word_is_entity: Callable[[Sequence[str]], n
     return (cumulative[offsets[1:]] - cumulative[offsets[:-1]]) > 0
 
 
-def entity_signals(text, wordnet) -> dict[str, np.ndarray]:
+def entity_signals(text, text_status, wordnet) -> dict[str, np.ndarray]:
     """The entity signal group (`wordnet`: words -> is an ImageNet-21k class, e.g. `EntityLookup`);
     unreadable captions are no hit."""
     from filters.text import map_distinct, readable_captions
 
-    texts = readable_captions(caption_array(text))
-    return {"imagenet21k_entity": map_distinct(texts, lambda u: entity_hit_mask(u, wordnet), False).astype(bool)}
+    texts = readable_captions(caption_array(text), text_status)
+    hits = map_distinct(texts, {"imagenet21k_entity": lambda u: entity_hit_mask(u, wordnet)})
+    return {name: values.astype(bool) for name, values in hits.items()}

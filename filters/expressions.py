@@ -24,6 +24,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from filters.arrays import to_numpy
+
 
 class RuleError(ValueError):
     """A rule that does not parse, names an unknown column or is not a true/false test."""
@@ -79,18 +81,38 @@ def signal_frame(table: pa.Table | Mapping[str, pa.Array | pa.ChunkedArray | np.
 def rule_outcomes(frame: pl.DataFrame, exprs: Sequence[str | pl.Expr]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(passes, fails) masks of each rule (a rule string or a boolean Polars expression) on
     `frame`; a null outcome is in neither."""
-    if not exprs:
-        return []
     tests = [compile_rule(e) if isinstance(e, str) else e for e in exprs]
-    # One query for every rule, as a pass and a fail column each: on a file of a few thousand
-    # rows a query costs more than the rules, so a query per rule (or per Series operation)
-    # would be most of the time.
-    out = frame.select([c for i, t in enumerate(tests)
-                        for c in (t.fill_null(False).alias(f"p{i}"), (~t).fill_null(False).alias(f"f{i}"))])
-    matrix = np.asfortranarray(out.to_numpy(), dtype=bool)
-    if matrix.shape[0] != len(frame):  # only rules that read no column (``TRUE``): one row
-        matrix = np.asfortranarray(np.broadcast_to(matrix[:1], (len(frame), matrix.shape[1])))
-    return [(matrix[:, 2 * i], matrix[:, 2 * i + 1]) for i in range(len(tests))]
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(tests)
+    queried = []
+    for i, t in enumerate(tests):
+        flag = _boolean_column(frame, t)
+        if flag is not None:  # a rule that is a true/false column (``imagenet21k_entity``) is read
+            values = flag.to_arrow()
+            valid = ~to_numpy(values.is_null())
+            passes = to_numpy(values)  # nulls read as False
+            results[i] = (passes, valid & ~passes)
+        else:
+            queried.append(i)
+    if queried:
+        # One query for the other rules, as a pass and a fail column each: on a file of a few
+        # thousand rows a query costs more than its rules (about a millisecond of CPU), so a
+        # query per rule (or per Series operation) would be most of the time.
+        out = frame.select([c for i in queried for c in (tests[i].fill_null(False).alias(f"p{i}"),
+                                                          (~tests[i]).fill_null(False).alias(f"f{i}"))])
+        matrix = np.asfortranarray(out.to_numpy(), dtype=bool)
+        if matrix.shape[0] != len(frame):  # only rules that read no column (``TRUE``): one row
+            matrix = np.asfortranarray(np.broadcast_to(matrix[:1], (len(frame), matrix.shape[1])))
+        for k, i in enumerate(queried):
+            results[i] = (matrix[:, 2 * k], matrix[:, 2 * k + 1])
+    return results
+
+
+def _boolean_column(frame: pl.DataFrame, test: pl.Expr) -> pl.Series | None:
+    """The column `test` is, when it is just a Boolean column of `frame`."""
+    if not test.meta.is_column():
+        return None
+    name = test.meta.output_name()
+    return frame.get_column(name) if frame.schema.get(name) == pl.Boolean else None
 
 
 def all_pass(frame: pl.DataFrame, exprs: Sequence[str]) -> np.ndarray:

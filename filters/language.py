@@ -50,20 +50,21 @@ def language_mask(labels: pa.Array | np.ndarray | list, p: Language = Language()
     return to_numpy(pc.fill_null(pc.equal(labels, p.label), False))
 
 
-def language_labels(text, top1) -> pa.Array:
+def language_labels(text, top1, text_status=None) -> pa.Array:
     """A language identifier's label for every readable caption (null for the others), with
-    `top1` (list of str -> list of str) called once per distinct text."""
+    `top1` (list of str -> list of str) called once per distinct text; `text_status` as in
+    `filters.text.readable_captions`."""
     from filters.text import readable_captions
 
-    texts = language_id_input(readable_captions(caption_array(text)))
+    texts = language_id_input(readable_captions(caption_array(text), text_status))
     encoded = pc.dictionary_encode(texts)
     labels = pa.array(top1(encoded.dictionary.to_pylist()), type=pa.string())
     return labels.take(encoded.indices)
 
 
-def fasttext_signals(text, fasttext) -> dict[str, pa.Array]:
-    return {"fasttext_lang": language_labels(text, fasttext)}
+def fasttext_signals(text, text_status, fasttext) -> dict[str, pa.Array]:
+    return {"fasttext_lang": language_labels(text, fasttext, text_status)}
 
 
-def cld3_signals(text, cld3) -> dict[str, pa.Array]:
-    return {"cld3_lang": language_labels(text, cld3)}
+def cld3_signals(text, text_status, cld3) -> dict[str, pa.Array]:
+    return {"cld3_lang": language_labels(text, cld3, text_status)}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -98,11 +98,14 @@ def text_status(texts: pa.Array) -> np.ndarray:
     return status
 
 
-def readable_captions(texts: pa.Array, status: np.ndarray | None = None) -> pa.Array:
-    """The captions with unreadable (non-UTF-8) rows turned into nulls, so kernels can run."""
+def readable_captions(texts: pa.Array, status: np.ndarray | pa.Array | None = None) -> pa.Array:
+    """The captions with unreadable (non-UTF-8) rows turned into nulls, so kernels can run;
+    `status` is the rows' `text_status` when known (it saves validating the bytes again)."""
     texts = caption_array(texts)
     if status is None:
         status = text_status(texts)
+    elif isinstance(status, (pa.Array, pa.ChunkedArray)):
+        status = to_numpy(status)
     bad = status == TextStatus.NOT_UTF8
     if not bad.any():
         return texts
@@ -144,26 +147,28 @@ def caption_prefilter_mask(tokens: np.ndarray, chars: np.ndarray, p: CaptionPref
     return (np.asarray(tokens) > p.min_tokens) & (np.asarray(chars) > p.min_chars)
 
 
-def map_distinct(texts: pa.Array, fn, null_value=0) -> np.ndarray:
-    """`fn` (Arrow strings -> NumPy values) on each distinct text once, mapped back to the rows;
-    null rows get `null_value`."""
+def map_distinct(texts: pa.Array, fns: Mapping[str, Callable[[pa.Array], np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each of `fns` (Arrow strings -> NumPy values) on every distinct text once, mapped back to
+    the rows; null rows get 0 (False)."""
     encoded = pc.dictionary_encode(caption_array(texts))
-    values = np.asarray(fn(encoded.dictionary))
     index = encoded.indices.to_numpy(zero_copy_only=False)
-    if encoded.indices.null_count:
-        valid = ~to_numpy(encoded.indices.is_null())
-        out = np.full(len(texts), null_value, dtype=values.dtype)
-        out[valid] = values[index[valid].astype(np.int64)]
-        return out
-    return values[index.astype(np.int64)]
+    valid = ~to_numpy(encoded.indices.is_null()) if encoded.indices.null_count else None
+    out = {}
+    for name, fn in fns.items():
+        values = np.asarray(fn(encoded.dictionary))
+        if valid is None:
+            out[name] = values[index.astype(np.int64)]
+        else:
+            out[name] = np.zeros(len(texts), dtype=values.dtype)
+            out[name][valid] = values[index[valid].astype(np.int64)]
+    return out
 
 
 def caption_signals(text) -> dict[str, np.ndarray]:
     """The text signal group: readability and the three caption lengths of every row."""
     raw = caption_array(text)
     status = text_status(raw)
-    texts = readable_captions(raw, status)
-    return {"text_status": status,
-            "caption_words": map_distinct(texts, whitespace_word_count),
-            "caption_chars": map_distinct(texts, char_count),
-            "fasttext_tokens": map_distinct(texts, fasttext_token_count)}
+    counts = map_distinct(readable_captions(raw, status), {"caption_words": whitespace_word_count,
+                                                           "caption_chars": char_count,
+                                                           "fasttext_tokens": fasttext_token_count})
+    return {"text_status": status, **counts}

@@ -426,7 +426,7 @@ class ShardSample:
 
 def scan_shards(pool: Path, limit: int) -> list[ShardSample]:
     """The first `limit` samples of the pool's shards that carry a uid, in shard order."""
-    from pipeline.reshard import iter_samples
+    from pools.tars import iter_samples
 
     found: list[ShardSample] = []
     for shard in Pool(pool).shard_files():
@@ -447,7 +447,7 @@ def scan_shards(pool: Path, limit: int) -> list[ShardSample]:
 
 def read_images(samples: Sequence[ShardSample]) -> dict[str, bytes]:
     """uid -> image bytes of `samples`, reading each shard only as far as its last wanted sample."""
-    from pipeline.reshard import iter_samples
+    from pools.tars import iter_samples
 
     wanted: dict[str, dict[str, str]] = {}
     for s in samples:

@@ -37,14 +37,14 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from pools.files import atomic_path, file_fingerprint, write_json_atomic
 from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool
-from pools.uids import UID_DTYPE, UID_HEX_CHARS, read_subset
+from pools.tars import iter_samples
+from pools.uids import UID_DTYPE, UID_HEX_CHARS, check_sorted, count_unique_sorted, read_subset
 
 PARTS_DIR = "_parts"
 META_FILE = "meta.json"
@@ -139,65 +139,7 @@ def plan_tasks(shards: list[InputShard], num_tasks: int) -> list[Task]:
     return tasks
 
 
-def count_unique_sorted(subset: np.ndarray, chunk: int = 1 << 22) -> int:
-    """Distinct uids in a sorted subset, read in chunks (the subset may not fit in memory)."""
-    n = len(subset)
-    if n == 0:
-        return 0
-    unique = 1
-    for lo in range(0, n, chunk):
-        part = np.asarray(subset[max(0, lo - 1):min(n, lo + chunk)])
-        unique += int(np.count_nonzero(part[1:] != part[:-1]))
-    return unique
-
-
-def check_sorted(subset: np.ndarray, path: Path, chunk: int = 1 << 22) -> None:
-    """Binary search needs a sorted subset; DataComp's baselines always sort before saving."""
-    n = len(subset)
-    for lo in range(0, n, chunk):
-        part = np.asarray(subset[max(0, lo - 1):min(n, lo + chunk)])
-        hi, lo_ = part["f0"], part["f1"]
-        bad = np.flatnonzero((hi[1:] < hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo_[1:] < lo_[:-1])))
-        if len(bad):
-            row = max(0, lo - 1) + int(bad[0]) + 1
-            raise ValueError(f"{path} is not sorted (row {row} is smaller than row {row - 1}); "
-                             "sort it first, e.g. with pools.uids.write_subset")
-
-
-# --- reading and writing tars -----------------------------------------------------------------
-def _split_name(name: str) -> tuple[str | None, str]:
-    """webdataset's key/extension split: the key is the path up to the basename's first dot."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot <= slash + 1:
-        return None, ""
-    return name[:dot], name[dot + 1:]
-
-
-def iter_samples(path: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """Stream a webdataset tar: yield (key, [(extension, raw bytes), ...]) per sample.
-
-    Consecutive files with the same key form one sample; a repeated extension starts a new
-    sample (the reference's non-throwing group-by-key).
-    """
-    with tarfile.open(path, mode="r|") as tar:
-        key, files = None, []
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, ext = _split_name(member.name)
-            if k is None:
-                continue
-            data = tar.extractfile(member).read()
-            if k != key or any(e == ext for e, _ in files):
-                if files:
-                    yield key, files
-                key, files = k, []
-            files.append((ext, data))
-        if files:
-            yield key, files
-
-
+# --- writing tars -----------------------------------------------------------------
 def uid_to_record(uid: str) -> np.void:
     """One hex uid to a u8,u8 record; uids shorter than 32 characters are left-padded as in the reference."""
     value = int(uid, 16)

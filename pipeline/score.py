@@ -150,7 +150,7 @@ def _decode(preprocess, jpg: bytes):
 
 def read_shard_samples(path: str) -> list[tuple[str, bytes | None, str]]:
     """(uid, image bytes or None, caption) per sample of one webdataset shard."""
-    from pipeline.reshard import iter_samples
+    from pools.tars import iter_samples
 
     out = []
     for key, files in iter_samples(path):

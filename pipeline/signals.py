@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from filters.arrays import from_numpy, to_numpy
 from filters.entity import entity_signals
-from filters.expressions import all_pass, rule_columns, signal_frame
+from filters.expressions import rule_columns, rule_outcomes, signal_frame
 from filters.image_based import centroid_signals, embedding_signals, target_centroid_signals
 from filters.image_size import size_signals
 from filters.language import cld3_signals, fasttext_signals
@@ -168,14 +168,17 @@ register_signal(SignalGroup(
         _S("image_embedding_missing", "bool",
            "l14_img is all zeros, NaN or infinite: no image embedding (pipeline.score found no image)"),)))
 register_signal(SignalGroup(
-    name="entity", version=1, compute=entity_signals, reads=("text",), models=("wordnet",), cost=1, gated=True,
+    name="entity", version=1, compute=entity_signals, reads=("text",), signals=("text_status",),
+    models=("wordnet",), cost=1, gated=True,
     columns=(_S("imagenet21k_entity", "bool",
                 "some caption word's first WordNet synset is an ImageNet-21k class (DataComp's text filter)"),)))
 register_signal(SignalGroup(
-    name="fasttext", version=1, compute=fasttext_signals, reads=("text",), models=("fasttext",), cost=2, gated=True,
+    name="fasttext", version=1, compute=fasttext_signals, reads=("text",), signals=("text_status",),
+    models=("fasttext",), cost=2, gated=True,
     columns=(_S("fasttext_lang", "label", "fastText lid.176 top-1 language of the caption, newlines as spaces"),)))
 register_signal(SignalGroup(
-    name="cld3", version=1, compute=cld3_signals, reads=("text",), models=("cld3",), cost=3, gated=True,
+    name="cld3", version=1, compute=cld3_signals, reads=("text",), signals=("text_status",),
+    models=("cld3",), cost=3, gated=True,
     columns=(_S("cld3_lang", "label", "CLD3 language of the caption (DataComp's LAION-2B filter)"),)))
 register_signal(SignalGroup(
     name="centroid", version=1, compute=centroid_signals, npz_keys=("l14_img",), models=("centroids",), cost=4,
@@ -419,6 +422,26 @@ class SignalsWorker:
         validate_metadata_schema(schema, parquet, ("uid", *self.spec.required_columns))
         return schema
 
+    def _gate(self, group: str, columns: Mapping[str, object], final: set[str], passes: dict[str, np.ndarray],
+              n: int) -> np.ndarray:
+        """Rows that need `group`: those passing every rule of one of its gates. Every gate rule
+        (of any group) whose columns are final is evaluated now, in one query, and kept in
+        `passes`: a query costs more than its rules on one file, and later gates share rules."""
+        pending = dict.fromkeys(r for gates in self.spec.gates.values() for gate in gates for r in gate.rules
+                                if r not in passes)
+        ready = [r for r in pending if all(c in final for c in rule_columns(r))]
+        if ready:
+            needed = sorted({c for r in ready for c in rule_columns(r)}) or ["row"]
+            frame = signal_frame({c: _combined(columns[c]) for c in needed})
+            passes.update((r, p) for r, (p, _) in zip(ready, rule_outcomes(frame, ready)))
+        gate = np.zeros(n, dtype=bool)
+        for clause in self.spec.gates_of(group):
+            keep = np.ones(n, dtype=bool)
+            for rule in clause.rules:
+                keep &= passes[rule]
+            gate |= keep
+        return gate
+
     def _compute(self, parquet: Path, out: Path, todo: dict[str, str], header: dict | None) -> int:
         schema = self._check_schema(parquet)
         groups = [SIGNAL_GROUPS[g] for g in todo]
@@ -439,6 +462,9 @@ class SignalsWorker:
             columns = {c: stored.column(c) for c in stored.column_names}
         npz: dict[str, np.ndarray] = {}
         gates = dict(header.get("gates", {})) if header is not None else {}
+        final = {c for g, key in (header["groups"].items() if header is not None else ())  # not to be changed
+                 if g in SIGNAL_GROUPS and g not in todo for c in SIGNAL_GROUPS[g].column_names}
+        rule_passes: dict[str, np.ndarray] = {}  # the file's gate rules evaluated so far
         for g in groups:
             missing_keys = [k for k in g.npz_keys if k not in npz]
             if missing_keys:
@@ -451,11 +477,7 @@ class SignalsWorker:
                 inputs["file_name"] = parquet.name
             rows = None
             if g.gated:
-                gate = np.zeros(n, dtype=bool)
-                for clause in self.spec.gates_of(g.name):
-                    needed = {c for r in clause.rules for c in rule_columns(r)}
-                    gate |= all_pass(signal_frame({c: _combined(columns[c]) for c in needed or ["row"]}),
-                                     clause.rules)
+                gate = self._gate(g.name, columns, final, rule_passes, n)
                 previous = {c: columns.get(c) if todo[g.name] == "fill" else None for c in g.column_names}
                 if todo[g.name] == "fill":
                     for c in g.column_names:
@@ -475,6 +497,7 @@ class SignalsWorker:
                                    f"declared {list(g.column_names)}")
             for c, values in result.items():
                 columns[c] = _scatter(values, rows, n, previous[c]) if rows is not None else values
+            final.update(g.column_names)
             if g.gated:
                 tokens = [t.token for t in self.spec.gates_of(g.name)]
                 before = gates.get(g.name, []) if todo[g.name] == "fill" else []
@@ -492,7 +515,10 @@ class SignalsWorker:
                 "gates": gates}
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
         with atomic_path(out) as tmp:
-            pq.write_table(table, tmp)
+            # Dictionary pages only for labels (uids, scores and counts hardly repeat) and no
+            # column statistics (nothing prunes by them): a third of the write time, and smaller.
+            pq.write_table(table, tmp, use_dictionary=[c for c in order if types[c] == "label"],
+                           write_statistics=False)
         return n
 
 

@@ -161,3 +161,28 @@ def records_from_halves(hi, lo, rows: np.ndarray | None = None) -> np.ndarray:
     records["f0"] = hi
     records["f1"] = lo
     return records
+
+
+def count_unique_sorted(subset: np.ndarray, chunk: int = 1 << 22) -> int:
+    """Distinct uids in a sorted subset, read in chunks (the subset may not fit in memory)."""
+    n = len(subset)
+    if n == 0:
+        return 0
+    unique = 1
+    for lo in range(0, n, chunk):
+        part = np.asarray(subset[max(0, lo - 1):min(n, lo + chunk)])
+        unique += int(np.count_nonzero(part[1:] != part[:-1]))
+    return unique
+
+
+def check_sorted(subset: np.ndarray, path: Path, chunk: int = 1 << 22) -> None:
+    """Binary search needs a sorted subset; DataComp's baselines always sort before saving."""
+    n = len(subset)
+    for lo in range(0, n, chunk):
+        part = np.asarray(subset[max(0, lo - 1):min(n, lo + chunk)])
+        hi, lo_ = part["f0"], part["f1"]
+        bad = np.flatnonzero((hi[1:] < hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo_[1:] < lo_[:-1])))
+        if len(bad):
+            row = max(0, lo - 1) + int(bad[0]) + 1
+            raise ValueError(f"{path} is not sorted (row {row} is smaller than row {row - 1}); "
+                             "sort it first, e.g. with pools.uids.write_subset")

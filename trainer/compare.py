@@ -11,7 +11,9 @@ Reads, per run folder (written by `trainer.train`, then `trainer.evaluate`):
 - the data's ``meta.json`` (`pipeline.reshard`, or DataComp's resharder): the subset file
   the shards were made from, whose name is the strategy (``subsets/clip.npy`` -> ``clip``),
   and the subset's size. Plain shard folders (no meta.json) count every sample in their
-  ``_stats.json`` files, and the strategy is the run folder's name less a ``-seed<N>`` suffix.
+  ``_stats.json`` files, and the strategy is the run folder's name less a ``-seed<N>`` suffix;
+- the ``stats.json`` that `pipeline.filter` wrote beside the subset file: the strategy's spec
+  (its description and hash). Runs of two different specs under one name are two rows.
 
 Runs of the same strategy, data, scale, model and budget are one row: mean ± sample std over
 them (several training seeds) and their count n. Rows are sorted by the main metric, best
@@ -44,6 +46,7 @@ MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "eval_results.jsonl"  # trainer.evaluate's (and DataComp's) name
 META_FILE = "meta.json"  # pipeline.reshard's (and DataComp's resharder's) name
+FILTER_STATS_FILE = "stats.json"  # pipeline.filter's, beside the subset files
 IMAGENET_KEY = "imagenet1k"
 OUTPUT_FILES = {"markdown": "comparison.md", "csv": "comparison.csv", "runs_csv": "comparison_runs.csv",
                 "chart": "comparison.png", "json": "comparison.json"}
@@ -77,6 +80,14 @@ class CompareError(ValueError):
 
 # --- records ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class SubsetSpec:
+    """What `pipeline.filter` recorded of the strategy that made a subset."""
+
+    description: str
+    spec_hash: str
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """What one run contributes: where its data came from, its budget and its results."""
 
@@ -91,6 +102,8 @@ class RunRecord:
     subset_size: int | None  # unique uids in the subset
     with_image: int | None  # of those, the ones whose image is in the training shards
     results: dict[str, dict[str, float]]  # task key -> numeric metrics, as in the file
+    spec: SubsetSpec | None = None  # the strategy's spec, from pipeline.filter's stats.json
+
 
     @property
     def repeats(self) -> float | None:
@@ -125,6 +138,7 @@ class StrategyRow:
     samples_seen: int
     subset_size: int | None
     with_image: int | None
+    spec: SubsetSpec | None
     main: Stat
     metrics: dict[str, Stat | None]  # column header -> stat (None: a run lacks it)
     average: Stat | None  # DataComp's 38-task average (None unless every run has all 38)
@@ -156,13 +170,17 @@ class Comparison:
         def stat(s):
             return Stat(**s) if s is not None else None
 
+        def spec(s):  # comparisons written before specs were recorded have none
+            return SubsetSpec(**s) if s else None
+
         rows = tuple(StrategyRow(**{**r, "runs": tuple(r["runs"]), "seeds": tuple(r["seeds"]),
+                                    "spec": spec(r.get("spec")),
                                     "main": stat(r["main"]), "average": stat(r["average"]),
                                     "metrics": {k: stat(v) for k, v in r["metrics"].items()}})
                      for r in d["rows"])
         return cls(main=MetricColumn(**d["main"]), main_rule=d["main_rule"],
                    columns=tuple(MetricColumn(**c) for c in d["columns"]), rows=rows,
-                   runs=tuple(RunRecord(**r) for r in d["runs"]), footnotes=tuple(d["footnotes"]),
+                   runs=tuple(RunRecord(**{**r, "spec": spec(r.get("spec"))}) for r in d["runs"]), footnotes=tuple(d["footnotes"]),
                    files=dict(d.get("files", {})))
 
 
@@ -232,7 +250,7 @@ def _shard_folder_size(folder: Path) -> int | None:
 
 
 def _count_unique_uids(path: Path) -> int | None:
-    from pipeline.reshard import count_unique_sorted
+    from pools.uids import count_unique_sorted
     from pools.uids import read_subset
 
     try:
@@ -241,12 +259,25 @@ def _count_unique_uids(path: Path) -> int | None:
         return None
 
 
-def data_provenance(run: Path, data: str) -> tuple[str, int | None, int | None, str | None]:
-    """(strategy, subset size, samples with an image, note) of the data a run trained on."""
+def subset_spec(subset_file: Path) -> SubsetSpec | None:
+    """The spec of the strategy that wrote `subset_file`, from the ``stats.json`` beside it
+    (`pipeline.filter`'s), or None (a subset made elsewhere, or moved without its stats)."""
+    try:
+        entry = json.loads((subset_file.parent / FILTER_STATS_FILE).read_text(encoding="utf-8"))
+        entry = entry["strategies"][subset_file.stem]
+        return SubsetSpec(description=str(entry["description"]), spec_hash=str(entry["spec_hash"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def data_provenance(run: Path, data: str) -> tuple[str, int | None, int | None, SubsetSpec | None, str | None]:
+    """(strategy, subset size, samples with an image, the strategy's spec, note) of the data a
+    run trained on."""
     fallback = SEED_SUFFIX.sub("", run.name) or run.name  # seeds of one strategy share a row
     folder = _first_data_folder(data)
     if folder is None:
-        return fallback, None, None, f"{run.name}: trained on several shard sources ({data}); subset size unknown"
+        return (fallback, None, None, None,
+                f"{run.name}: trained on several shard sources ({data}); subset size unknown")
     meta_path = folder / META_FILE
     if meta_path.is_file():
         try:
@@ -259,13 +290,14 @@ def data_provenance(run: Path, data: str) -> tuple[str, int | None, int | None, 
         if unique is None:  # a meta.json without our counts: count the subset copied beside the shards
             unique = _count_unique_uids(folder / "sample_ids.npy")
         selected = meta.get("selected_count")
+        spec = subset_spec(Path(subset_file)) if subset_file else None
         return strategy, (int(unique) if unique is not None else None), \
-            (int(selected) if selected is not None else None), None
+            (int(selected) if selected is not None else None), spec, None
     if not folder.exists():
-        return fallback, None, None, f"{run.name}: its data {folder} no longer exists; subset size unknown"
+        return fallback, None, None, None, f"{run.name}: its data {folder} no longer exists; subset size unknown"
     size = _shard_folder_size(folder)
     note = None if size is not None else f"{run.name}: {folder} has no meta.json or _stats.json; subset size unknown"
-    return fallback, size, size, note
+    return fallback, size, size, None, note
 
 
 def read_run(run: str | Path) -> tuple[RunRecord, str | None]:
@@ -285,11 +317,11 @@ def read_run(run: str | Path) -> tuple[RunRecord, str | None]:
     model = str(manifest.get("model_name") or manifest.get("budget", {}).get("model", "?"))
     seed = config.get("seed")
     results = read_eval_results(run)
-    strategy, subset_size, with_image, note = data_provenance(run, data)
+    strategy, subset_size, with_image, spec, note = data_provenance(run, data)
     record = RunRecord(run=str(run), strategy=strategy, seed=int(seed) if seed is not None else None,
                        scale=scale, model=model, standard=bool(manifest.get("standard", True)),
                        samples_seen=samples_seen, data=data, subset_size=subset_size,
-                       with_image=with_image, results=results)
+                       with_image=with_image, results=results, spec=spec)
     return record, note
 
 
@@ -373,8 +405,8 @@ def summarise(values: Sequence[float | None]) -> Stat | None:
 
 
 def _group_key(r: RunRecord) -> tuple:
-    # Seeds of one strategy share all of these; a different budget or data is another row.
-    return (r.strategy, str(Path(r.data)), r.scale, r.samples_seen, r.model)
+    # Seeds of one strategy share all of these; a different spec, budget or data is another row.
+    return (r.strategy, r.spec.spec_hash if r.spec else None, str(Path(r.data)), r.scale, r.samples_seen, r.model)
 
 
 def _value(r: RunRecord, col: MetricColumn) -> float | None:
@@ -391,7 +423,9 @@ def _labels(groups: list[list[RunRecord]]) -> list[str]:
             continue
         same = [h for h, m in zip(groups, names) if m == name]
         r = g[0]
-        if len({h[0].samples_seen for h in same}) > 1 or len({h[0].scale for h in same}) > 1:
+        if len({h[0].spec for h in same}) > 1:
+            labels.append(f"{name} (spec {r.spec.spec_hash[:8]})" if r.spec else f"{name} (no spec)")
+        elif len({h[0].samples_seen for h in same}) > 1 or len({h[0].scale for h in same}) > 1:
             labels.append(f"{name} ({r.scale}, {r.samples_seen:,} seen)")
         elif len({h[0].model for h in same}) > 1:
             labels.append(f"{name} ({r.model})")
@@ -417,7 +451,7 @@ def compare_records(runs: Sequence[RunRecord], notes: Sequence[str] = ()) -> Com
             label=label, strategy=first.strategy, runs=tuple(r.run for r in g),
             seeds=tuple(r.seed for r in g), scale=first.scale, model=first.model,
             standard=all(r.standard for r in g), samples_seen=first.samples_seen,
-            subset_size=first.subset_size, with_image=first.with_image,
+            subset_size=first.subset_size, with_image=first.with_image, spec=first.spec,
             main=summarise([_value(r, main) for r in g]),
             metrics={c.header: summarise([_value(r, c) for r in g]) for c in columns},
             average=summarise([datacomp_average(r.results) for r in g])))
@@ -446,6 +480,11 @@ def _footnotes(runs: Sequence[RunRecord], rows: Sequence[StrategyRow], notes: Se
     if nonstandard:
         out.append("non-standard budget (flags changed the scale's fixed budget; see each run's "
                    f"manifest.json 'overrides'): {', '.join(nonstandard)}.")
+    specified = [row for row in rows if row.spec]
+    if specified:
+        out.append("strategies, as pipeline.filter's stats.json beside each subset records them: "
+                   + "; ".join(f"{row.label}: {row.spec.description} (spec {row.spec.spec_hash[:12]})"
+                               for row in specified) + ".")
     out.extend(notes)
     return out
 
@@ -502,7 +541,7 @@ def csv_rows(c: Comparison) -> list[list[str]]:
             "repeats_per_sample", "main_task", "main_metric", "main_mean", "main_std"]
     for col in c.columns:
         head += [f"{col.header} mean", f"{col.header} std"]
-    head += ["datacomp_average_mean", "datacomp_average_std", "runs"]
+    head += ["datacomp_average_mean", "datacomp_average_std", "description", "spec_hash", "runs"]
     out = [head]
     for row in c.rows:
         line = [row.label, str(row.n), ";".join("" if s is None else str(s) for s in row.seeds), row.scale,
@@ -513,7 +552,7 @@ def csv_rows(c: Comparison) -> list[list[str]]:
             s = row.metrics[col.header]
             line += [_num(s.mean if s else None), _num(s.std if s else None)]
         line += [_num(row.average.mean if row.average else None),
-                 _num(row.average.std if row.average else None), ";".join(row.runs)]
+                 _num(row.average.std if row.average else None), *_spec_cells(row.spec), ";".join(row.runs)]
         out.append(line)
     return out
 
@@ -522,14 +561,18 @@ def runs_csv_rows(c: Comparison) -> list[list[str]]:
     """One row per run: its own values, before averaging over seeds."""
     head = ["run", "strategy", "seed", "scale", "model", "standard", "subset_size", "with_image", "samples_seen",
             "repeats_per_sample", f"{c.main.task} {c.main.metric}", *[col.header for col in c.columns],
-            "datacomp_average"]
+            "datacomp_average", "spec_hash"]
     out = [head]
     for r in sorted(c.runs, key=lambda r: (r.strategy, r.seed if r.seed is not None else -1, r.run)):
         out.append([r.run, r.strategy, _num(r.seed), r.scale, r.model, str(r.standard).lower(),
                     _num(r.subset_size), _num(r.with_image), str(r.samples_seen), _num(r.repeats),
                     _num(_value(r, c.main)), *[_num(_value(r, col)) for col in c.columns],
-                    _num(datacomp_average(r.results))])
+                    _num(datacomp_average(r.results)), _spec_cells(r.spec)[1]])
     return out
+
+
+def _spec_cells(spec: SubsetSpec | None) -> list[str]:
+    return [spec.description, spec.spec_hash] if spec else ["", ""]
 
 
 def _csv_text(rows: list[list[str]]) -> str:

@@ -86,3 +86,24 @@ def test_a_small_demo_runs_end_to_end_and_a_rerun_reuses_it(tmp_path):
     again = demo.main(argv)  # everything is done: every stage is reused
     assert all(seconds == 0.0 for seconds in again["stage_seconds"].values())
     assert load_comparison(out / "comparison").rows == comparison.rows
+
+    # A researcher's own spec trains and compares beside a built-in; nothing upstream reruns.
+    mine = tmp_path / "mine.toml"
+    mine.write_text('name = "mine"\ndescription = "the top half by CLIP L/14 of captions of 2+ words"\n'
+                    'rules = ["caption_words >= 2"]\n'
+                    '[select]\nscore = "clip_l14_similarity_score"\nfraction = 0.5\nover = "kept"\n')
+    third = demo.main([*argv, "--strategy", "clip", str(mine)])
+    seconds = third["stage_seconds"]
+    assert seconds["filter"] > 0 and seconds["reshard_mine"] > 0 and seconds["train_mine_seed0"] > 0
+    assert all(seconds[s] == 0.0 for s in ("pool", "teacher_l14", "score_l14", "centroids", "reshard_clip",
+                                           "train_clip_seed0"))
+    rows = {r.strategy: r for r in load_comparison(out / "comparison").rows}
+    assert set(rows) == {"clip", "mine"}
+    stats = json.loads((out / "subsets" / "stats.json").read_text())["strategies"]
+    assert rows["mine"].subset_size == stats["mine"]["kept"] > 0
+    assert rows["mine"].spec.spec_hash == stats["mine"]["spec_hash"]
+    assert rows["clip"].main == comparison_row(comparison, "clip").main  # the same run, reused
+
+
+def comparison_row(comparison, strategy):
+    return next(r for r in comparison.rows if r.strategy == strategy)

@@ -218,3 +218,27 @@ def test_real_tiny_runs(small_pool, tmp_path, capsys):
             assert row.n == 1 and row.main.std is None
     assert c.rows[0].main.mean >= c.rows[1].main.mean
     assert "non-standard budget" in printed
+    stats = json.loads((subsets / "stats.json").read_text())["strategies"]
+    for row in c.rows:  # the spec pipeline.filter recorded, not re-derived
+        assert row.spec.spec_hash == stats[row.strategy]["spec_hash"]
+        assert row.spec.description == stats[row.strategy]["description"]
+        assert f"{row.label}: {row.spec.description} (spec {row.spec.spec_hash[:12]})" in printed
+
+
+def test_two_specs_under_one_name_are_two_rows(tmp_path):
+    """Two subsets named mine.npy from different specs: the stats.json beside each tells them apart."""
+    runs = []
+    for i, (description, acc) in enumerate((("top 30%", 0.2), ("top 10%", 0.3))):
+        root = tmp_path / f"filtering{i}"
+        data = make_data(root, "mine", unique=100, with_image=90)
+        (root / "subsets").mkdir()
+        (root / "subsets" / "stats.json").write_text(json.dumps(
+            {"strategies": {"mine": {"description": description, "spec_hash": f"{i}" * 64}}}))
+        runs.append(make_run(root, "mine-seed0", data, synth(acc)))
+    c = compare_runs(runs, tmp_path / "out")
+    assert [r.label for r in c.rows] == ["mine (spec 11111111)", "mine (spec 00000000)"]
+    assert [r.spec.description for r in c.rows] == ["top 10%", "top 30%"]
+    table = list(csv.reader((tmp_path / "out" / "comparison.csv").open()))
+    assert [(r[table[0].index("description")], r[table[0].index("spec_hash")]) for r in table[1:]] == \
+        [("top 10%", "1" * 64), ("top 30%", "0" * 64)]
+    assert load_comparison(tmp_path / "out").rows == c.rows
