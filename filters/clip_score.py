@@ -15,53 +15,16 @@ one bucket that holds the wanted rank (two passes for float32, four for float64)
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
-
-from pools.format import SCORE_COLUMNS
 
 _DIGIT_BITS = 16
 _BUCKETS = 1 << _DIGIT_BITS
 _FLUSH_VALUES = 1 << 20  # digits buffered before a histogram update (2 MiB)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ClipScore:
-    """Keep rows whose CLIP `arch` score is at least `threshold`, or in the top `fraction`."""
-
-    arch: str = "l14"
-    threshold: float | None = None
-    fraction: float | None = 0.3  # DataComp's CLIP-score baseline keeps the top 30%
-
-    def __post_init__(self) -> None:
-        if self.arch not in SCORE_COLUMNS:
-            raise ValueError(f"arch must be one of {', '.join(SCORE_COLUMNS)}, got {self.arch!r}")
-        if (self.threshold is None) == (self.fraction is None):
-            raise ValueError("give exactly one of threshold and fraction")
-        if self.fraction is not None and not (0.0 <= self.fraction < 1.0):
-            raise ValueError(f"fraction must be in [0, 1), got {self.fraction} (DataComp's "
-                             "fraction indexes the (int(N*f)+1)-th largest score, so 1 has none)")
-        if self.threshold is not None and math.isnan(self.threshold):
-            raise ValueError("threshold must be a number, not NaN")
-
-    @property
-    def column(self) -> str:
-        return SCORE_COLUMNS[self.arch]
-
-
 def threshold_rank(num_rows: int, fraction: float) -> int:
     """DataComp's ``n = int(len(df) * fraction)``: the threshold is the (n+1)-th largest score."""
     return int(num_rows * fraction)
-
-
-def score_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """``scores >= threshold`` compared in the scores' dtype; NaN never passes."""
-    scores = np.asarray(scores)
-    if scores.dtype.kind != "f":
-        scores = scores.astype(np.float64)
-    return scores >= scores.dtype.type(threshold)
 
 
 def _uint_for(dtype: np.dtype) -> np.dtype:

@@ -17,14 +17,18 @@ float32, as NumPy 2 compares a float32 column with a Python float), which is Dat
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from filters.arrays import to_numpy
+
+# Polars is imported where a rule is first compiled or run: the strategies that only read the
+# pool's scores (no_filter, clip) never need it, and its import was a fifth of their time.
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class RuleError(ValueError):
@@ -34,6 +38,8 @@ class RuleError(ValueError):
 @functools.lru_cache(maxsize=4096)  # parsed once per process: a rule is evaluated on every file
 def compile_rule(expr: str) -> pl.Expr:
     """The Polars expression of one rule (raises `RuleError` if it does not parse)."""
+    import polars as pl
+
     try:
         return pl.sql_expr(expr)
     except Exception as exc:  # polars raises several SQL error types
@@ -47,6 +53,8 @@ def rule_columns(expr: str) -> list[str]:
 
 def check_rule(expr: str, schema: Mapping[str, pl.DataType]) -> None:
     """Raise `RuleError` unless `expr` is a true/false test over columns of `schema`."""
+    import polars as pl
+
     unknown = [c for c in rule_columns(expr) if c not in schema]
     if unknown:
         raise RuleError(f"unknown column {', '.join(map(repr, unknown))}; known columns: "
@@ -63,6 +71,8 @@ def check_rule(expr: str, schema: Mapping[str, pl.DataType]) -> None:
 def signal_frame(table: pa.Table | Mapping[str, pa.Array | pa.ChunkedArray | np.ndarray],
                  columns: Iterable[str] | None = None) -> pl.DataFrame:
     """A Polars frame of `columns` (default: all) with every float NaN turned into a null."""
+    import polars as pl
+
     if not isinstance(table, pa.Table):
         table = pa.table(dict(table))
     if columns is not None:
@@ -109,6 +119,8 @@ def rule_outcomes(frame: pl.DataFrame, exprs: Sequence[str | pl.Expr]) -> list[t
 
 def _boolean_column(frame: pl.DataFrame, test: pl.Expr) -> pl.Series | None:
     """The column `test` is, when it is just a Boolean column of `frame`."""
+    import polars as pl
+
     if not test.meta.is_column():
         return None
     name = test.meta.output_name()

@@ -3,8 +3,8 @@
 DataComp (reference section 2): the pool's ``l14_img`` embeddings were clustered with k-means
 (`pipeline.centroids`); every ImageNet-1k train embedding (the *targets*) is assigned to its
 nearest centroid by inner product, and those centroids form the target set. A pool row is
-kept when its caption passes the pre-filter (`filters.text.CaptionPrefilter` plus fastText
-English) and its own nearest centroid, also by inner product, is in the target set.
+kept when its caption passes the pre-filter (the caption rules of ``pipeline/specs/image.toml``)
+and its own nearest centroid, also by inner product, is in the target set.
 
 An all-zero embedding is a row without an image (`pipeline.score` writes zeros where a sample
 has none): it is nearest to no centroid (-1), so it is never kept. DataComp never meets one
@@ -19,22 +19,12 @@ rows whose top two centroids differ by a few ulps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
 
 import numpy as np
 
-from filters.text import CaptionPrefilter
-
 _F32_UNIT_ROUNDOFF = 2.0 ** -24
 _SCORE_BUDGET = 1 << 25  # float32 scores held per batch (128 MiB)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImageBased:
-    embedding_key: str = "l14_img"
-    caption: CaptionPrefilter = CaptionPrefilter()
 
 
 def _error_bound(dim: int) -> float:
@@ -46,9 +36,23 @@ def _error_bound(dim: int) -> float:
 NO_CENTROID = -1  # the nearest centroid of a row without an image embedding (or not assigned)
 
 
+# Per float type: the unsigned type of its bits, the bits of the magnitude, the exponent bits.
+_FLOAT_BITS = {np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+               np.dtype(np.float32): (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+               np.dtype(np.float64): (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000)}
+
+
 def missing_embedding_mask(embeddings: np.ndarray) -> np.ndarray:
-    """True where a row is all zeros: no image embedding (the sample had no image)."""
-    return ~np.asarray(embeddings).any(axis=1)
+    """True where a row is no image embedding: all zeros (`pipeline.score` writes zeros for a
+    sample without an image), or holding a NaN or an infinity."""
+    emb = np.ascontiguousarray(embeddings)
+    if emb.dtype not in _FLOAT_BITS:
+        return ~emb.any(axis=1) | ~np.isfinite(emb).all(axis=1)
+    # On the bit patterns: NumPy has no fast float16 arithmetic (six times slower), and a value
+    # is zero when its magnitude bits are, NaN or infinite when all its exponent bits are set.
+    utype, magnitude, exponent = _FLOAT_BITS[emb.dtype]
+    bits = emb.view(utype)
+    return ~((bits & utype(magnitude)) != 0).any(axis=1) | ((bits & utype(exponent)) == utype(exponent)).any(axis=1)
 
 
 def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray, *, device: str | None = None,
@@ -167,16 +171,19 @@ def image_based_mask(nearest: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
 
 def embedding_signals(l14_img) -> dict[str, np.ndarray]:
     """Whether each row has an image embedding (an all-zero, NaN or infinite row has none)."""
-    emb = np.asarray(l14_img)
-    return {"image_embedding_missing": missing_embedding_mask(emb) | ~np.isfinite(emb).all(axis=1)}
+    return {"image_embedding_missing": missing_embedding_mask(l14_img)}
 
 
-def centroid_signals(l14_img, centroids) -> dict[str, np.ndarray]:
+def centroid_signals(l14_img, image_embedding_missing, centroids) -> dict[str, np.ndarray]:
     """Nearest pool centroid of each row (`centroids`: embeddings -> indices); `NO_CENTROID`
     for a row without an image embedding."""
+    from filters.arrays import to_numpy
+
     emb = np.asarray(l14_img)
     nearest = np.full(len(emb), NO_CENTROID, dtype=np.int32)
-    present = np.flatnonzero(~embedding_signals(emb)["image_embedding_missing"])
+    if not isinstance(image_embedding_missing, np.ndarray):  # stored by an earlier run: an Arrow column
+        image_embedding_missing = to_numpy(image_embedding_missing)
+    present = np.flatnonzero(~image_embedding_missing)
     if len(present):
         nearest[present] = centroids(emb[present])
     return {"nearest_centroid": nearest}

@@ -7,18 +7,10 @@ infinity and fails the rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 
 from filters.arrays import to_numpy
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImageSize:
-    min_side: int = 200  # keep images whose shorter side is at least this many pixels
-    max_aspect: float = 3.0  # ... and whose longer/shorter side ratio is at most this
 
 
 def _as_float(values) -> np.ndarray:
@@ -37,11 +29,6 @@ def aspect_ratio(width, height) -> np.ndarray:
     w, h = _as_float(width), _as_float(height)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.maximum(w, h) / np.minimum(w, h)
-
-
-def image_size_mask(shorter_side: np.ndarray, aspect: np.ndarray, p: ImageSize = ImageSize()) -> np.ndarray:
-    """The rule from precomputed `min_side` and `aspect_ratio`; NaN never passes."""
-    return (np.asarray(shorter_side) >= p.min_side) & (np.asarray(aspect) <= p.max_aspect)
 
 
 def size_signals(original_width, original_height) -> dict[str, np.ndarray]:

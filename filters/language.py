@@ -4,50 +4,20 @@ DataComp asks fastText's ``lid.176`` model for its top-1 label and keeps ``en``,
 confidence threshold; CLD3 (``gcld3.NNetLanguageIdentifier(min_num_bytes=0,
 max_num_bytes=1000)``) is used only by the LAION-2B reproduction. Both see the caption with
 every ``\\n`` replaced by a space. The models themselves are loaded by `pipeline.models`; the
-functions here prepare their input and turn their labels into masks.
+functions here prepare their input and label every row (the rules compare the labels).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from filters.arrays import to_numpy
 from filters.text import caption_array
-
-
-@dataclass(frozen=True, kw_only=True)
-class Language:
-    """Keep rows whose top-1 language label equals `label` (no confidence threshold)."""
-
-    label: str = "en"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Cld3Settings:
-    """How DataComp builds its CLD3 identifier for the LAION-2B filter."""
-
-    min_num_bytes: int = 0
-    max_num_bytes: int = 1000
 
 
 def language_id_input(texts: pa.Array) -> pa.Array:
     """The text a language identifier sees: newlines replaced by spaces, as DataComp does."""
     return pc.replace_substring(caption_array(texts), "\n", " ")
-
-
-def language_mask(labels: pa.Array | np.ndarray | list, p: Language = Language()) -> np.ndarray:
-    """True where the label is `p.label`; a null label (no readable caption) is never kept."""
-    if not isinstance(labels, (pa.Array, pa.ChunkedArray)):
-        labels = pa.array(list(labels) if isinstance(labels, np.ndarray) else labels, type=pa.string())
-    if isinstance(labels, pa.ChunkedArray):
-        labels = labels.combine_chunks()
-    if pa.types.is_dictionary(labels.type):
-        labels = labels.dictionary_decode()
-    return to_numpy(pc.fill_null(pc.equal(labels, p.label), False))
 
 
 def language_labels(text, top1, text_status=None) -> pa.Array:

@@ -17,7 +17,6 @@ caption, or one whose bytes are not valid UTF-8, counts as 0 words, 0 tokens and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Callable, Mapping, Sequence
 
@@ -44,23 +43,6 @@ class TextStatus(IntEnum):
     OK = 0
     NULL = 1  # the parquet holds no caption for the row
     NOT_UTF8 = 2  # the bytes are not valid UTF-8
-
-
-@dataclass(frozen=True, kw_only=True)
-class CaptionLength:
-    """The basic filter's caption rule: ``len(text.split()) > min_words and len(text) > min_chars``."""
-
-    min_words: int = 2  # keep captions with more than this many whitespace words
-    min_chars: int = 5  # ... and more than this many characters
-
-
-@dataclass(frozen=True, kw_only=True)
-class CaptionPrefilter:
-    """The image-based filter's caption rule: ``len(fasttext.tokenize(text)) > min_tokens``
-    and ``len(text) > min_chars`` (fastText tokens, not whitespace words)."""
-
-    min_tokens: int = 1
-    min_chars: int = 5
 
 
 def caption_array(texts: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.Array:
@@ -135,16 +117,6 @@ def fasttext_token_count(texts: pa.Array) -> np.ndarray:
 def char_count(texts: pa.Array) -> np.ndarray:
     """``len(text)`` per row: Unicode code points."""
     return to_numpy(pc.fill_null(pc.utf8_length(caption_array(texts)), 0)).astype(np.int32)
-
-
-def caption_length_mask(words: np.ndarray, chars: np.ndarray, p: CaptionLength) -> np.ndarray:
-    """The basic filter's caption rule from precomputed counts."""
-    return (np.asarray(words) > p.min_words) & (np.asarray(chars) > p.min_chars)
-
-
-def caption_prefilter_mask(tokens: np.ndarray, chars: np.ndarray, p: CaptionPrefilter) -> np.ndarray:
-    """The image-based caption pre-filter's length rule from precomputed counts."""
-    return (np.asarray(tokens) > p.min_tokens) & (np.asarray(chars) > p.min_chars)
 
 
 def map_distinct(texts: pa.Array, fns: Mapping[str, Callable[[pa.Array], np.ndarray]]) -> dict[str, np.ndarray]:

@@ -43,7 +43,6 @@ import pyarrow.parquet as pq
 
 from filters.arrays import from_numpy, to_numpy
 from filters.clip_score import DescendingRankSelector, threshold_rank
-from filters.expressions import signal_frame
 from pools.files import sha256_file, write_json_atomic
 from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
                           score_fix)
@@ -438,15 +437,15 @@ def _uid_records(table: pa.Table, rows: np.ndarray, parts: Sequence[tuple[Path, 
     raise AssertionError("unreachable")
 
 
-def keep_masks(frame, specs: Mapping[str, StrategySpec], thresholds: Mapping[str, float],
+def keep_masks(table: pa.Table, specs: Mapping[str, StrategySpec], thresholds: Mapping[str, float],
                funnels: Mapping[str, Funnel] | None = None) -> dict[str, np.ndarray]:
     """Every strategy's keep mask on one file (members before the strategies intersecting them),
     adding to `funnels` when given."""
     masks: dict[str, np.ndarray] = {}
-    evaluated = evaluate_steps(frame, specs.values(), thresholds)
+    evaluated = evaluate_steps(table, specs.values(), thresholds)
     for name, spec in specs.items():
         funnel = funnels[name] if funnels is not None else Funnel(steps=spec.steps)
-        masks[name] = apply_spec(spec, frame, thresholds, masks, funnel, evaluated)
+        masks[name] = apply_spec(spec, table, thresholds, masks, funnel, evaluated)
     return masks
 
 
@@ -488,17 +487,14 @@ def resolve_thresholds(source: "TableSource", specs: Mapping[str, StrategySpec])
             sel = specs[n].select
             shared.setdefault((sel.score, sel.fraction) if sel.over == "pool" else ("spec", n), []).append(n)
         needed = {m: specs[m] for m in specs if m in _members_of(ready, specs)}
-        ranked = [specs[n] for n in ready]
-        columns = {c for s in [*ranked, *needed.values()] for c in s.columns()}
         active: dict[tuple, DescendingRankSelector | None] = {k: None for k in shared}
         while active:
             counts = {k: 0 for k in active}
             for _, table in source.batches():
-                frame = signal_frame(table, [c for c in table.column_names if c in columns])
-                members = keep_masks(frame, needed, thresholds) if needed else {}
-                evaluated = evaluate_steps(frame, [specs[shared[k][0]] for k in active if k[0] == "spec"], {})
+                members = keep_masks(table, needed, thresholds) if needed else {}
+                evaluated = evaluate_steps(table, [specs[shared[k][0]] for k in active if k[0] == "spec"], {})
                 for k in active:
-                    values = selection_values(specs[shared[k][0]], frame, members, evaluated)
+                    values = selection_values(specs[shared[k][0]], table, members, evaluated)
                     if active[k] is None:
                         active[k] = DescendingRankSelector(values.dtype if values.dtype == np.float64 else np.float32,
                                                            specs[shared[k][0]].select.fraction)
@@ -638,7 +634,6 @@ def _run(cfg: FilterConfig) -> dict:
     score_values = {c: 0 for c in columns_read if c in SCORE_COLUMNS.values()}  # non-missing scores
     files_seen = set()
     for parts, table in source.batches():
-        frame = signal_frame(table)
         rows_read += table.num_rows
         files_seen.update(p for p, _ in parts)
         if "text_status" in table.column_names:
@@ -648,8 +643,8 @@ def _run(cfg: FilterConfig) -> dict:
         if "image_embedding_missing" in table.column_names:
             embeddings_missing = (embeddings_missing or 0) + int(to_numpy(table.column("image_embedding_missing")).sum())
         for c in score_values:
-            score_values[c] += len(frame) - frame.get_column(c).null_count()
-        masks = keep_masks(frame, specs, thresholds, funnels)
+            score_values[c] += int((~np.isnan(to_numpy(table.column(c)))).sum())
+        masks = keep_masks(table, specs, thresholds, funnels)
         wanted = [masks[n] for n in requested]
         rows = np.flatnonzero(np.logical_or.reduce(wanted)) if wanted else np.empty(0, np.int64)
         records = _uid_records(table, rows, parts)

@@ -39,7 +39,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from filters.expressions import signal_frame
 from pools.files import atomic_path
 from pools.format import SCORE_COLUMNS, Pool, read_metadata
 from pools.uids import UID_DTYPE, read_subset, records_to_uids, subset_counts, uids_to_records
@@ -316,18 +315,18 @@ class Outcomes:
     note: str | None = None
 
 
-def strategy_outcomes(spec: StrategySpec, members: dict[str, StrategySpec], frame, thresholds: dict,
+def strategy_outcomes(spec: StrategySpec, members: dict[str, StrategySpec], table: pa.Table, thresholds: dict,
                       kept: np.ndarray) -> Outcomes:
-    """Which step drops each row, recomputed from the recorded spec on `frame`; `kept` (the
-    subset file) counts the rows where the recomputation disagrees."""
-    n = len(frame)
+    """Which step drops each row, recomputed from the recorded spec on the signals in `table`;
+    `kept` (the subset file) counts the rows where the recomputation disagrees."""
+    n = table.num_rows
     kept = np.asarray(kept, dtype=bool)
     try:
         masks: dict[str, np.ndarray] = {}
         for name, member in members.items():
-            outcomes = spec_outcomes(member, frame, thresholds, masks)
+            outcomes = spec_outcomes(member, table, thresholds, masks)
             masks[name] = first_failed(outcomes, n) == len(outcomes)
-        outcome = first_failed(spec_outcomes(spec, frame, thresholds, masks), n)
+        outcome = first_failed(spec_outcomes(spec, table, thresholds, masks), n)
     except Exception as exc:  # a column the signals of this pool do not hold (or no signals at all)
         missing = re.search(r'column "?\'?(\w+)', str(exc))
         what = f"signal column {missing.group(1)!r}" if missing else f"its signal columns ({exc})"
@@ -402,7 +401,6 @@ def all_outcomes(table: pa.Table, stats: dict, kept: dict[str, np.ndarray]) -> d
     """Every strategy's outcomes for the rows of `table`, from the specs stats.json records."""
     if table.num_rows == 0:
         return {}
-    frame = signal_frame(table)
     records = _row_records(table)
     out = {}
     for name, entry in stats["strategies"].items():
@@ -411,7 +409,7 @@ def all_outcomes(table: pa.Table, stats: dict, kept: dict[str, np.ndarray]) -> d
         specs = {n: spec_from_dict(d, "stats.json", check=False) for n, d in _entry_specs(entry).items()}
         thresholds = {n: float(sel["threshold"]) for n, sel in entry.get("selections", {}).items()}
         members = {n: s for n, s in specs.items() if n != name}
-        out[name] = strategy_outcomes(specs[name], members, frame, thresholds,
+        out[name] = strategy_outcomes(specs[name], members, table, thresholds,
                                       subset_counts(kept[name], records) > 0)
     return out
 

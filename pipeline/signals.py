@@ -32,10 +32,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -52,12 +51,17 @@ from pipeline.models import MODELS, ModelSettings
 from pools.files import atomic_path, file_fingerprint
 from pools.format import SCORE_COLUMNS, Pool, PoolFormatError, load_npz, validate_metadata_schema
 
+if TYPE_CHECKING:
+    import polars as pl
+
 SIGNALS_FORMAT_VERSION = 2
 METADATA_KEY = b"datacomp_signals"
 
-# Column types as the rules see them (Polars types); "label" is a dictionary-encoded string.
-COLUMN_TYPES = {"uint8": pl.UInt8, "int32": pl.Int32, "uint64": pl.UInt64, "float32": pl.Float32,
-                "float64": pl.Float64, "bool": pl.Boolean, "label": pl.Categorical}
+# Column types as the rules see them (names of Polars types, looked up when a rule is checked:
+# Polars is imported on first use); "label" is a dictionary-encoded string.
+COLUMN_TYPES = {"uint8": "UInt8", "int32": "Int32", "uint64": "UInt64", "float32": "Float32",
+                "float64": "Float64", "bool": "Boolean", "label": "Categorical"}
+NUMERIC_TYPES = ("uint8", "int32", "uint64", "float32", "float64")  # what a selection can rank
 
 
 class SignalsError(RuntimeError):
@@ -181,7 +185,8 @@ register_signal(SignalGroup(
     models=("cld3",), cost=3, gated=True,
     columns=(_S("cld3_lang", "label", "CLD3 language of the caption (DataComp's LAION-2B filter)"),)))
 register_signal(SignalGroup(
-    name="centroid", version=1, compute=centroid_signals, npz_keys=("l14_img",), models=("centroids",), cost=4,
+    name="centroid", version=1, compute=centroid_signals, npz_keys=("l14_img",), signals=("image_embedding_missing",),
+    models=("centroids",), cost=4,
     gated=True, columns=(_S("nearest_centroid", "int32",
                             "pool centroid with the largest inner product with l14_img (-1: no embedding)"),)))
 register_signal(SignalGroup(
@@ -198,9 +203,16 @@ def column_groups() -> dict[str, str]:
     return {c: g.name for g in SIGNAL_GROUPS.values() for c in g.column_names}
 
 
+def column_types() -> dict[str, str]:
+    """Every signal column's declared type (a key of `COLUMN_TYPES`)."""
+    return {c.name: c.type for g in SIGNAL_GROUPS.values() for c in g.columns}
+
+
 def signal_schema() -> dict[str, pl.DataType]:
     """Every signal column's type as the rules see it."""
-    return {c.name: COLUMN_TYPES[c.type] for g in SIGNAL_GROUPS.values() for c in g.columns}
+    import polars as pl
+
+    return {name: getattr(pl, COLUMN_TYPES[t]) for name, t in column_types().items()}
 
 
 def group_dependencies(group: SignalGroup) -> tuple[str, ...]:

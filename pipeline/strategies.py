@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-import polars as pl
+import pyarrow as pa
 
-from filters.expressions import RuleError, check_rule, rule_columns, rule_outcomes
+from filters.arrays import to_numpy
+from filters.expressions import RuleError, check_rule, rule_columns, rule_outcomes, signal_frame
 
 SPECS_DIR = Path(__file__).with_name("specs")
 SPEC_KEYS = ("name", "description", "datacomp_name", "params", "rules", "select", "intersect")
@@ -223,21 +224,22 @@ def spec_from_dict(data: Mapping, source: str = "builtin", overrides: Mapping[st
 
 def check_spec(spec: StrategySpec, where: str) -> None:
     """Every rule parses, names known columns and is a true/false test; the score is numeric."""
-    from pipeline.signals import signal_schema
+    from pipeline.signals import COLUMN_TYPES, NUMERIC_TYPES, column_types, signal_schema
 
-    schema = signal_schema()
-    for i, rule in enumerate(spec.rules):
-        try:
-            check_rule(rule.expr, schema)
-        except RuleError as exc:
-            raise SpecError(f"{where}: rule {i + 1} ({rule.expr!r}): {exc}") from None
+    if spec.rules:  # (a spec with no rules needs no Polars)
+        schema = signal_schema()
+        for i, rule in enumerate(spec.rules):
+            try:
+                check_rule(rule.expr, schema)
+            except RuleError as exc:
+                raise SpecError(f"{where}: rule {i + 1} ({rule.expr!r}): {exc}") from None
     if spec.select is not None:
-        score = spec.select.score
-        if score not in schema:
+        score, types = spec.select.score, column_types()
+        if score not in types:
             raise SpecError(f"{where}: [select] score {score!r} is not a signal column; known columns: "
-                            f"{', '.join(sorted(schema))}")
-        if not schema[score].is_numeric():
-            raise SpecError(f"{where}: [select] score {score!r} is {schema[score]}, not a number")
+                            f"{', '.join(sorted(types))}")
+        if types[score] not in NUMERIC_TYPES:
+            raise SpecError(f"{where}: [select] score {score!r} is {COLUMN_TYPES[types[score]]}, not a number")
     if not (spec.rules or spec.select or spec.intersect) and spec.source != "builtin":
         raise SpecError(f"{where}: no rules, selection or intersect: it would keep every row (use no_filter)")
 
@@ -417,33 +419,49 @@ def first_failed(outcomes: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> n
     return first
 
 
-def evaluate_steps(frame: pl.DataFrame, specs: Iterable[StrategySpec],
+def evaluate_steps(table: pa.Table, specs: Iterable[StrategySpec],
                    thresholds: Mapping[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(passes, fails) of every distinct rule of `specs`, and of each selection whose threshold
-    is known (keyed ``"<score> >= <threshold>"``), on `frame`, in one query."""
-    tests: dict[str, str | pl.Expr] = {}
+    """(passes, fails) of every distinct rule of `specs` on the signal columns in `table` (one
+    Polars query, NaN read as null), and of each selection whose threshold is known (keyed
+    ``"<score> >= <threshold>"``)."""
+    specs = list(specs)
+    rules = list(dict.fromkeys(r.expr for spec in specs for r in spec.rules))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if rules:
+        columns = {c for r in rules for c in rule_columns(r)}
+        frame = signal_frame(table, [c for c in table.column_names if c in columns])
+        out.update(zip(rules, rule_outcomes(frame, rules)))
     for spec in specs:
-        for rule in spec.rules:
-            tests.setdefault(rule.expr, rule.expr)
         if spec.select is not None and spec.name in thresholds:
-            # compared in the column's dtype, as DataComp's NumPy comparison
-            tests.setdefault(_selection_key(spec, thresholds), pl.col(spec.select.score) >= thresholds[spec.name])
-    return dict(zip(tests, rule_outcomes(frame, list(tests.values()))))
+            key = _selection_key(spec, thresholds)
+            if key not in out:
+                scores = score_values(table, spec.select.score)
+                passes = scores >= scores.dtype.type(thresholds[spec.name])  # NaN (missing) never passes
+                out[key] = (passes, ~passes & ~np.isnan(scores))
+    return out
 
 
 def _selection_key(spec: StrategySpec, thresholds: Mapping[str, float]) -> str:
     return f"{spec.select.score} >= {thresholds[spec.name]!r}"
 
 
-def spec_outcomes(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[str, float],
+def score_values(table: pa.Table, column: str) -> np.ndarray:
+    """A selection's score column as DataComp ranks and compares it: float32 (the pool's scores),
+    or float64 for a float64 column and for integer signals (exact there); missing as NaN.
+    A float32 score is compared with a threshold rounded to float32, as NumPy 2 compares it."""
+    values = to_numpy(table.column(column))
+    return values.astype(values.dtype if values.dtype in (np.float32, np.float64) else np.float64)
+
+
+def spec_outcomes(spec: StrategySpec, table: pa.Table, thresholds: Mapping[str, float],
                   members: Mapping[str, np.ndarray],
                   evaluated: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(passes, fails) of each funnel step of `spec` on `frame`; `thresholds` holds the
-    resolved threshold of each strategy's selection, `members` the keep masks of the strategies
-    it intersects, `evaluated` (optional) what `evaluate_steps` gave for this frame."""
+    """(passes, fails) of each funnel step of `spec` on the rows of `table`; `thresholds` holds
+    the resolved threshold of each strategy's selection, `members` the keep masks of the
+    strategies it intersects, `evaluated` (optional) what `evaluate_steps` gave for `table`."""
     if evaluated is None:
-        evaluated = evaluate_steps(frame, [spec], thresholds)
+        evaluated = evaluate_steps(table, [spec], thresholds)
     out = [(members[m], ~members[m]) for m in spec.intersect]
     out += [evaluated[r.expr] for r in spec.rules]
     if spec.select is not None:
@@ -451,12 +469,12 @@ def spec_outcomes(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[s
     return out
 
 
-def apply_spec(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[str, float],
+def apply_spec(spec: StrategySpec, table: pa.Table, thresholds: Mapping[str, float],
                members: Mapping[str, np.ndarray], funnel: Funnel,
                evaluated: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
-    """The keep mask of `spec` on one file, adding the file's counts to `funnel`."""
-    n = len(frame)
-    outcomes = spec_outcomes(spec, frame, thresholds, members, evaluated)
+    """The keep mask of `spec` on the rows of `table`, adding their counts to `funnel`."""
+    n = table.num_rows
+    outcomes = spec_outcomes(spec, table, thresholds, members, evaluated)
     step = first_failed(outcomes, n)
     counts = np.bincount(step, minlength=len(outcomes) + 1)
     for name, c in zip(spec.steps, counts[:-1]):
@@ -467,20 +485,16 @@ def apply_spec(spec: StrategySpec, frame: pl.DataFrame, thresholds: Mapping[str,
     return keep
 
 
-def selection_values(spec: StrategySpec, frame: pl.DataFrame, members: Mapping[str, np.ndarray],
+def selection_values(spec: StrategySpec, table: pa.Table, members: Mapping[str, np.ndarray],
                      evaluated: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
-    """The scores DataComp's fraction rule ranks for `spec`'s selection in one file: every row's
+    """The scores DataComp's fraction rule ranks for `spec`'s selection in `table`: every row's
     (over the pool) or the rows passing its rules and members' (over kept); missing as NaN."""
-    from filters.arrays import to_numpy
-
-    scores = frame.get_column(spec.select.score).cast(pl.Float64 if frame.schema[spec.select.score] == pl.Float64
-                                                      else pl.Float32)
-    values = to_numpy(scores.to_arrow())
+    values = score_values(table, spec.select.score)
     if spec.select.over == "pool":
         return values
     if evaluated is None:
-        evaluated = evaluate_steps(frame, [spec], {})
-    keep = np.ones(len(frame), dtype=bool)
+        evaluated = evaluate_steps(table, [spec], {})
+    keep = np.ones(table.num_rows, dtype=bool)
     for m in spec.intersect:
         keep &= members[m]
     for rule in spec.rules:

@@ -4,8 +4,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from filters.clip_score import (ClipScore, DescendingRankSelector, ascending_keys,
-                                fraction_threshold_in_memory, key_to_value, score_mask, threshold_rank)
+import pyarrow as pa
+
+from filters.clip_score import (DescendingRankSelector, ascending_keys, fraction_threshold_in_memory,
+                                key_to_value, threshold_rank)
+from pipeline.strategies import spec_from_dict, spec_outcomes
+
+TOP = spec_from_dict({"name": "top", "description": "top half by CLIP L/14",
+                      "select": {"score": "clip_l14_similarity_score", "fraction": 0.5}}, "test")
+
+
+def _kept(scores, threshold):
+    """The selection step as pipeline.filter evaluates it: ``score >= threshold``, NaN never passes."""
+    table = pa.table({"clip_l14_similarity_score": np.asarray(scores)})
+    return spec_outcomes(TOP, table, {"top": threshold}, {})[-1][0]
 
 
 def _select(values, fraction, chunks=7):
@@ -45,14 +57,14 @@ def test_threshold_among_nans_keeps_nothing():
     v = np.array([0.5, 0.4, np.nan, np.nan, np.nan], np.float32)
     sel = _select(v, 0.6, chunks=2)  # rank 3 falls in the NaNs
     assert np.isnan(sel.threshold)
-    assert not score_mask(v, sel.threshold).any()
+    assert not _kept(v, sel.threshold).any()
 
 
 def test_ties_at_threshold_are_kept():
     v = np.array([0.9, 0.3, 0.3, 0.3, 0.1], np.float32)
     sel = _select(v, 0.2, chunks=3)  # rank 1 -> 0.3
     assert sel.threshold == np.float32(0.3)
-    assert score_mask(v, sel.threshold).sum() == 4
+    assert _kept(v, sel.threshold).sum() == 4
 
 
 def test_keys_order_and_round_trip():
@@ -69,18 +81,11 @@ def test_comparison_happens_in_float32():
     # NumPy and pandas compare a float32 column with a Python float in float32.
     t = 0.28
     s = np.array([np.float32(t), np.nextafter(np.float32(t), np.float32(0))], np.float32)
-    assert score_mask(s, t).tolist() == (pd.Series(s) >= t).tolist() == [True, False]
+    assert _kept(s, t).tolist() == (pd.Series(s) >= t).tolist() == [True, False]
 
 
 def test_parameters():
     assert threshold_rank(10, 0.3) == 3
-    assert ClipScore().column == "clip_l14_similarity_score" and ClipScore().fraction == 0.3
-    with pytest.raises(ValueError, match="exactly one"):
-        ClipScore(threshold=0.3, fraction=0.3)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        ClipScore(fraction=1.0)
-    with pytest.raises(ValueError):
-        ClipScore(arch="vit")
     sel = DescendingRankSelector(np.float32, 0.5)
     with pytest.raises(ValueError, match="no rows"):
         sel.end_pass()

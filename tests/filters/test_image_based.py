@@ -63,6 +63,14 @@ def test_all_zero_rows_are_nearest_to_no_centroid():
     x[zero] = 0
     x[8] = -0.0  # negative zeros are zeros too
     assert missing_embedding_mask(x).tolist() == zero.tolist()
+    for dtype in (np.float16, np.float32, np.float64):  # a NaN or an infinity is no embedding either
+        y = x.astype(dtype)
+        y[3, 5], y[4, 0], y[5, 63] = np.nan, np.inf, -np.inf
+        y[6, 1] = np.finfo(dtype).smallest_subnormal  # tiny but not zero: an embedding
+        y[6, 0] = 0
+        want = zero.copy()
+        want[[3, 4, 5]] = True
+        assert missing_embedding_mask(y).tolist() == want.tolist(), dtype
     for batch_size in (None, 3):
         got = nearest_centroid(x, c, batch_size=batch_size)
         assert (got[zero] == NO_CENTROID).all()

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from datacomp_reference import Models
-from filters.language import Language, language_id_input, language_mask
+from filters.language import language_id_input
 from pipeline.models import Cld3LanguageID, FastTextLanguageID, resolve_lid_model
 
 CAPTIONS = ["a red star printed on a shirt", "un cœur rouge sur fond blanc", "Buy now\n\nFree shipping!",
@@ -40,10 +40,3 @@ def test_cld3_equals_reference(reference):
 
 def test_newlines_become_spaces():
     assert language_id_input(pa.array(["a\nb\n", None])).to_pylist() == ["a b ", None]
-
-
-def test_language_mask_nulls_never_pass():
-    labels = pa.array(["en", None, "fr", "en"])
-    assert language_mask(labels).tolist() == [True, False, False, True]
-    assert language_mask(labels.dictionary_encode(), Language(label="fr")).tolist() == [False, False, True, False]
-    assert language_mask(np.array(["en", "de"], dtype=object)).tolist() == [True, False]

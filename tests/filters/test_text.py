@@ -7,9 +7,8 @@ import pyarrow as pa
 import pytest
 
 from datacomp_reference import fasttext_tokenize
-from filters.text import (CaptionLength, CaptionPrefilter, TextStatus, caption_length_mask,
-                          caption_prefilter_mask, char_count, fasttext_token_count, readable_captions,
-                          text_status, whitespace_word_count)
+from filters.text import (TextStatus, char_count, fasttext_token_count, readable_captions, text_status,
+                          whitespace_word_count)
 
 TRICKY = [
     "a red star printed on a shirt", "", " ", "   ", "\n", "a\n", "\na", "one two\nthree",
@@ -58,13 +57,6 @@ def test_status_flags_null_and_invalid_utf8():
     readable = readable_captions(arr)
     readable.validate(full=True)
     assert readable.to_pylist() == ["hello", None, "ok", None]
-
-
-def test_masks_use_strict_greater_than():
-    words, chars = np.array([2, 3, 3]), np.array([6, 5, 6])
-    assert caption_length_mask(words, chars, CaptionLength()).tolist() == [False, False, True]
-    tokens = np.array([1, 2, 2])
-    assert caption_prefilter_mask(tokens, chars, CaptionPrefilter()).tolist() == [False, False, True]
 
 
 @pytest.mark.parametrize("text", ["a\n", "ab\ncdef", "x y"])
