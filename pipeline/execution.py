@@ -117,7 +117,8 @@ _RAY_WARM = ".ray-warm"  # a Ray task has loaded its models: the helpers stop ta
 def _helper_main() -> None:
     """A helper process (see `_run_ray`): takes unclaimed files from the end of the list until a
     Ray task is ready, printing one JSON summary per file; ``python -c`` entry point, argument:
-    the claims folder."""
+    the claims folder; the job (spec and files) comes pickled on stdin, from the parent only
+    (never from a file someone else could have written)."""
     import pickle
 
     try:  # Ray's start-up (and its workers) come first; helpers use what CPU is left
@@ -125,8 +126,7 @@ def _helper_main() -> None:
     except OSError:
         pass
     root = Path(sys.argv[1])
-    with open(root / "job.pkl", "rb") as f:
-        spec, todo = pickle.load(f)
+    spec, todo = pickle.load(sys.stdin.buffer)
     claims = _Claims(root)
     try:
         worker = SignalsWorker(spec)
@@ -147,8 +147,7 @@ class _Helpers:
         import pickle
         import subprocess
 
-        with open(claims.root / "job.pkl", "wb") as f:
-            pickle.dump((spec, [(str(p), str(o)) for p, o in todo]), f)
+        job = pickle.dumps((spec, [(str(p), str(o)) for p, o in todo]))
         self.count = count
         self.summaries: list[dict] = []
         self.errors: list[BaseException] = []
@@ -156,7 +155,10 @@ class _Helpers:
         self._logs = [open(claims.root / f"helper-{i}.log", "w+") for i in range(count)]
         self._procs = [subprocess.Popen(
             [sys.executable, "-c", "from pipeline.execution import _helper_main; _helper_main()", str(claims.root)],
-            stdout=subprocess.PIPE, stderr=log, text=True) for log in self._logs]
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log) for log in self._logs]
+        for proc in self._procs:
+            proc.stdin.write(job)
+            proc.stdin.close()
         self._readers = [threading.Thread(target=self._read, args=(p, log), daemon=True)
                          for p, log in zip(self._procs, self._logs)]
         for t in self._readers:

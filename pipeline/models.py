@@ -3,10 +3,11 @@
 - `FastTextLanguageID`: fastText ``lid.176`` top-1 labels (the shipped ``.ftz`` by default).
 - `Cld3LanguageID`: CLD3 labels for the LAION-2B filter.
 - `load_wordnet_tables`: WordNet 3.0's lemma index, exception lists and suffix rules as plain
-  dicts (`filters.entity.WordNetTables`), cached as a pickle so a worker starts in a fraction
-  of the two seconds NLTK needs to parse the index.
+  dicts (`filters.entity.WordNetTables`), cached as JSON (never a pickle: the cache folder is
+  the user's) so a worker starts in a tenth of the two seconds NLTK needs to parse the index.
 - `load_centroids` / `load_targets`: the image-based filter's pool centroids and target
-  embeddings from ``.npy`` files or DataComp's published ``.pt`` files.
+  embeddings from ``.npy`` files or DataComp's published ``.pt`` files (read with torch's
+  weights-only loader: a file that would run code is refused).
 
 Every class here is built inside the worker that uses it (fastText and CLD3 objects cannot be
 pickled), and `filters/` never imports this module: rules take the models' outputs.
@@ -15,8 +16,10 @@ pickled), and `filters/` never imports this module: rules take the models' outpu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -132,16 +135,20 @@ def wordnet_fingerprint() -> str:
 
 
 def load_wordnet_tables(cache_dir: Path = CACHE_DIR):
-    """`filters.entity.WordNetTables` from NLTK's WordNet, through a pickle cache."""
+    """`filters.entity.WordNetTables` from NLTK's WordNet, through a JSON cache."""
     from filters.entity import WordNetTables
 
     fingerprint = wordnet_fingerprint()
-    cache = Path(cache_dir) / f"wordnet_tables_{fingerprint}.pkl"
+    cache = Path(cache_dir) / f"wordnet_tables_{fingerprint}.json"
     if cache.is_file():
         try:
-            with open(cache, "rb") as f:
-                return pickle.load(f)
-        except Exception:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            return WordNetTables(
+                first_offset=data["first_offset"],
+                exceptions={pos: {form: tuple(bases) for form, bases in table.items()}
+                            for pos, table in data["exceptions"].items()},
+                substitutions={pos: tuple(map(tuple, rules)) for pos, rules in data["substitutions"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # a stale or broken cache is rebuilt below
     ensure_nltk_wordnet()
     from nltk.corpus import wordnet
@@ -157,8 +164,9 @@ def load_wordnet_tables(cache_dir: Path = CACHE_DIR):
     tables = WordNetTables(first_offset=first_offset, exceptions=exceptions, substitutions=substitutions)
     try:
         with atomic_path(cache) as tmp:
-            with open(tmp, "wb") as f:
-                pickle.dump(tables, f, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.write_text(json.dumps({"first_offset": first_offset, "exceptions": exceptions,
+                                       "substitutions": substitutions}, separators=(",", ":")),
+                           encoding="utf-8")
     except OSError:
         pass  # a read-only cache folder only costs speed
     return tables
@@ -176,13 +184,61 @@ def build_entity_lookup(morphy_repeat_rules: bool = True):
 
 
 # --- centroids and targets --------------------------------------------------------------------
+def _numpy_globals() -> list:
+    """What DataComp's ``.pt`` files pickle besides tensors: NumPy arrays, i.e. NumPy's array
+    reconstructor (under NumPy 1's name too: the published files predate NumPy 2), the array
+    and dtype classes. Allowing exactly these keeps torch's weights-only loader, which builds
+    nothing else and so runs no code from the file."""
+    reconstruct = np._core.multiarray._reconstruct
+    dtypes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFD"}
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, *dtypes]
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Python's documented way to restrict what a pickle may build ("Restricting Globals"):
+    NumPy arrays and nothing else, for ``torch.save``'d arrays in pickle protocol 4 or 5, whose
+    opcodes torch's weights-only loader does not read."""
+
+    def find_class(self, module: str, name: str):
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return np._core.multiarray._reconstruct
+        if name == "_frombuffer" and module in ("numpy.core.numeric", "numpy._core.numeric"):  # protocol 5
+            return np._core.numeric._frombuffer
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+    def persistent_load(self, pid):  # a tensor: torch's own loader reads those
+        raise pickle.UnpicklingError("a tensor in a pickle protocol torch's weights-only loader cannot read")
+
+
+def _load_array_pickle(path: Path):
+    """The NumPy array in a ``torch.save`` zip file's ``data.pkl``, through `_ArrayUnpickler`."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+        with archive.open(name) as f:
+            return _ArrayUnpickler(f).load()
+
+
 def _torch_load(path: Path):
     import torch
 
     try:
-        # DataComp's .pt files are pickles of NumPy arrays or dicts of tensors, which the
-        # weights-only loader refuses: load them only from sources you trust.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "Unsupported operand" not in str(exc):
+                raise
+            return _load_array_pickle(path)  # a newer pickle protocol (DataComp's centroid files)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|but got (<[^>]+>)", str(exc))
+        what = f" ({found.group(1) or found.group(2)})" if found else ""
+        raise ModelInputError(f"{path}: refused: it holds Python objects other than tensors and NumPy arrays"
+                              f"{what}, and loading them could run code; DataComp's .pt files hold only those "
+                              "(save yours with numpy.save as .npy)") from None
     except Exception as exc:
         raise ModelInputError(f"{path}: cannot be read with torch.load ({exc})") from exc
 
