@@ -35,6 +35,7 @@ import shutil
 import sys
 import tarfile
 import time
+from zlib import error as zlib_error
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,10 @@ SAMPLE_IDS_FILE = "sample_ids.npy"
 # Counters every task returns; processed == selected + not_in_subset + no_json + bad_uid.
 TASK_COUNTERS = ("processed_count", "selected_count", "output_count", "dropped_not_in_subset",
                  "dropped_no_json", "dropped_bad_uid", "input_bytes", "output_bytes")
+
+
+class ReshardError(ValueError):
+    """An input the resharder cannot use; the message names the file and what to do."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,7 +243,7 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int,
         for shard in task.shards:
             seen = 0
             counts["input_bytes"] += os.path.getsize(shard.path)
-            for _key, files in iter_samples(shard.path):
+            for _key, files in _shard_samples(shard.path):
                 seen += 1
                 uid, reason = _sample_uid(files)
                 if uid is not None:
@@ -259,6 +264,9 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int,
                     sink.write(f"{uid}-{j}", files)
                 counts["output_count"] += k
             counts["processed_count"] += seen
+            if seen < shard.size:  # tarfile ends a truncated stream quietly at the last whole member
+                raise ReshardError(f"{shard.path}: holds {seen} samples but its _stats.json says {shard.size}: "
+                                   "truncated? re-download it, or move it and its _stats.json out of the input folder")
             if seen != shard.size:
                 warnings.append(f"{shard.path}: _stats.json says {shard.size} samples, the tar holds {seen}")
         sink.close()
@@ -307,6 +315,15 @@ def _prepare_output(cfg: ReshardConfig, signature: dict) -> str:
     return "fresh"
 
 
+def _shard_samples(path: str):
+    """`iter_samples` of one input shard, a tar that cannot be read raising `ReshardError`."""
+    try:
+        yield from iter_samples(path)
+    except (tarfile.TarError, EOFError, OSError, zlib_error) as exc:
+        raise ReshardError(f"{path}: not a readable tar ({type(exc).__name__}: {exc}); re-download it, "
+                           "or move it and its _stats.json out of the input folder") from None
+
+
 def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int) -> list[dict]:
     parts = cfg.output_dir / PARTS_DIR
     results: dict[int, dict] = {}
@@ -338,7 +355,12 @@ def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int) -> lis
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     pending.pop(ref)
-                    result = ray.get(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:
+                        if isinstance(exc.cause, ReshardError):
+                            raise exc.cause from None  # the one line that names the shard
+                        raise
                     results[result["task_id"]] = result
                     bar.update(result["processed_count"])
     return [results[t.task_id] for t in tasks]
@@ -371,8 +393,11 @@ def reshard(cfg: ReshardConfig) -> dict:
     start = time.perf_counter()
     if not cfg.input_dir.is_dir():
         raise FileNotFoundError(f"input shard folder {cfg.input_dir} does not exist")
-    subset = read_subset(cfg.subset_file)
-    check_sorted(subset, cfg.subset_file)
+    try:
+        subset = read_subset(cfg.subset_file)
+        check_sorted(subset, cfg.subset_file)
+    except ValueError as exc:
+        raise ReshardError(str(exc)) from None
     shards, skipped = discover_shards(cfg.input_dir, cfg.shard_format, cfg.shard_stats_format)
     if not shards:
         raise FileNotFoundError(f"{cfg.input_dir} holds no input shards with a _stats.json "
@@ -493,7 +518,13 @@ def main(argv: list[str] | None = None) -> dict:
                             overwrite=args.overwrite, use_ray=not args.no_ray)
     except ValueError as exc:
         parser.error(str(exc))
-    meta = reshard(cfg)
+    try:
+        meta = reshard(cfg)
+    except (ReshardError, OSError) as exc:  # inputs and outputs; anything else is a bug: traceback
+        if argv is not None:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(describe(meta))
     return meta
 

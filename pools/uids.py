@@ -116,14 +116,21 @@ def read_subset(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"subset file {path} does not exist")
     with open(path, "rb") as f:
-        magic = f.read(len(_NPY_MAGIC))
-    if magic == _NPY_MAGIC:
-        arr = np.load(path, mmap_mode="r")
+        head = f.read(64)
+    if head.startswith(_NPY_MAGIC):
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:  # truncated, a bad header, an object array
+            raise ValueError(f"{path}: not a readable .npy subset ({exc}); write subsets with "
+                             "pools.uids.write_subset or np.save") from None
         if arr.dtype != UID_DTYPE:
             raise ValueError(f"{path}: dtype is {arr.dtype}; DataComp subsets are {UID_DTYPE}")
         if arr.ndim != 1:
             raise ValueError(f"{path}: shape is {arr.shape}; DataComp subsets are one-dimensional")
         return arr
+    if b"\n" in head and set(head) <= set(b"0123456789abcdefABCDEF\r\n"):
+        raise ValueError(f"{path}: a text file (hex uids, one per line?), not a u8,u8 subset: convert it with "
+                         "pools.uids.write_subset(out, pools.uids.uids_to_records(lines))")
     size = path.stat().st_size
     if size % UID_DTYPE.itemsize:
         raise ValueError(f"{path}: not a .npy file and its size {size} is not a multiple of "

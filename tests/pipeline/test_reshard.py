@@ -239,3 +239,59 @@ def test_plan_tasks_splits_contiguously_by_samples():
         assert [t.task_id for t in tasks] == list(range(len(tasks)))
     # the reference cuts at the first shard starting at or after each multiple of ceil(705/2)
     assert [len(t.shards) for t in plan_tasks(shards, 2)] == [4, 2]
+
+
+def _run_cli(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "pipeline.reshard", *map(str, args)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and all(n in line for n in needles), line
+    return line
+
+
+def test_malformed_subset_files_get_one_line_errors(small_pool, subset, tmp_path):
+    path, _, _ = subset
+    good = np.load(path)
+    cases = {
+        "wrong_dtype.npy": lambda p: np.save(p, np.arange(10, dtype=np.int64)),
+        "two_d.npy": lambda p: np.save(p, np.stack([good[:4], good[4:8]])),
+        "unsorted.npy": lambda p: np.save(p, good[::-1]),
+        "truncated.npy": lambda p: p.write_bytes(path.read_bytes()[:200]),
+        "uids.txt": lambda p: p.write_text("".join(f"{u:032x}\n" for u in range(1, 4))),  # 3 x 33 bytes
+        "objects.npy": lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+    }
+    wants = {"wrong_dtype.npy": "dtype is int64", "two_d.npy": "one-dimensional", "unsorted.npy": "not sorted",
+             "truncated.npy": "not a readable .npy", "uids.txt": "a text file",
+             "objects.npy": "not a readable .npy"}
+    for name, make in cases.items():
+        bad = tmp_path / name
+        make(bad)
+        _one_line_error(_run_cli("--pool", small_pool, "--subset", bad, "--out", tmp_path / f"out_{name}",
+                                 "--no-ray"), str(bad), wants[name])
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_an_unreadable_shard_is_named(small_pool, subset, tmp_path, use_ray):
+    path, _, _ = subset
+    for damage, write in (("truncated", lambda p, raw: p.write_bytes(raw[:len(raw) // 3 + 100])),
+                          ("random", lambda p, raw: p.write_bytes(np.random.default_rng(0).bytes(4096)))):
+        if use_ray and damage == "random":
+            continue  # one Ray case is enough to show the cause comes back as one line
+        shards_dir = tmp_path / f"shards_{damage}_{use_ray}"
+        shards_dir.mkdir()
+        for p in Pool(small_pool).shards_dir.iterdir():
+            (shards_dir / p.name).write_bytes(p.read_bytes())
+        bad = shards_dir / "00000001.tar"
+        write(bad, bad.read_bytes())
+        proc = _run_cli("-i", shards_dir, "-s", path, "-o", tmp_path / f"out_{damage}_{use_ray}",
+                        "-j", "2", *([] if use_ray else ["--no-ray"]))
+        _one_line_error(proc, str(bad), "truncated?" if damage == "truncated" else "not a readable tar")
