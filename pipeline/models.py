@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -227,7 +228,9 @@ def _torch_load(path: Path):
 
     try:
         try:
-            with torch.serialization.safe_globals(_numpy_globals()):
+            with torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():
+                # (its warning on protocols 4 and 5: those fall back to `_load_array_pickle`)
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             if "Unsupported operand" not in str(exc):
