@@ -96,7 +96,13 @@ def _process_batch(batch: dict, spec: SignalsSpec, claims: str) -> dict:
         if not claim.claim(parquet):
             out.append({"file": Path(parquet).name, "status": "claimed"})
             continue
-        out.append({**_TASK_WORKER.process(Path(parquet), Path(signals)), "by": "ray"})
+        try:
+            out.append({**_TASK_WORKER.process(Path(parquet), Path(signals)), "by": "ray"})
+        except PoolFormatError as exc:
+            # Returned, not raised: Ray Data would bury the line that names the file in its own
+            # traceback of the task.
+            out.append({"file": Path(parquet).name, "status": "error", "message": str(exc)})
+            break
     return {"summary": [json.dumps(s) for s in out]}
 
 
@@ -287,6 +293,9 @@ class _RayRunner(threading.Thread):
                 if self.stop.is_set():
                     break
                 summary = json.loads(row["summary"])
+                if summary["status"] == "error":
+                    self.error = PoolFormatError(summary["message"])
+                    break
                 if summary["status"] != "claimed":
                     self.results.put(summary)
         except BaseException as exc:

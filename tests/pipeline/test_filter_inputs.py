@@ -170,14 +170,18 @@ def test_unscored_pool_is_an_error_not_an_empty_subset(tmp_path):
     assert sorted(p.name for p in (tmp_path / "all").glob("*.npy")) == ["basic.npy", "no_filter.npy", "text.npy"]
 
 
-def test_cli_exit_code_and_message(pool, tmp_path):
+@pytest.mark.parametrize("executor", [["--executor", "local"], ["--executor", "ray", "--helpers", "0",
+                                                                  "--num-workers", "2"]])
+def test_cli_exit_code_and_message(pool, tmp_path, executor):
+    """Also when a Ray Data task meets the bad file: one line naming it, no traceback."""
     import subprocess
 
     bad = _files(pool)[0]
     bad.write_bytes(b"garbage")
     proc = subprocess.run([sys.executable, "-m", "pipeline.filter", "--pool", str(pool), "--strategy", "basic",
-                           "--out", str(tmp_path / "o"), "--executor", "local"], capture_output=True, text=True)
+                           "--out", str(tmp_path / "o"), "--quiet", *executor], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "UserCodeException" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: not a readable parquet file")
 
 
