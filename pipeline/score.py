@@ -152,8 +152,16 @@ def read_shard_samples(path: str) -> list[tuple[str, bytes | None, str]]:
     """(uid, image bytes or None, caption) per sample of one webdataset shard."""
     from pools.tars import iter_samples
 
+    import tarfile
+    import zlib
+
     out = []
-    for key, files in iter_samples(path):
+    try:
+        samples = list(iter_samples(path))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise PoolFormatError(f"{path}: not a readable tar ({type(exc).__name__}: {exc}); re-download it, "
+                              "or move it and its _stats.json out of the shards folder") from None
+    for key, files in samples:
         d = dict(files)
         try:
             uid = json.loads(d["json"])["uid"]
@@ -164,6 +172,11 @@ def read_shard_samples(path: str) -> list[tuple[str, bytes | None, str]]:
         text = d.get("txt", b"").decode("utf-8", errors="replace")
         out.append((uid, jpg, text))
     return out
+
+
+# embed_shard's result for a shard that could not be read (same columns and types)
+NO_SHARD_RESULT = {"samples": 0, "decode_failed": 0, "read_s": 0.0, "decode_s": 0.0, "decode_wait_s": 0.0,
+                   "model_s": 0.0, "total_s": 0.0}
 
 
 class ShardEmbedder:
@@ -182,7 +195,14 @@ class ShardEmbedder:
         self.decoders = ThreadPoolExecutor(cfg.decode_threads)
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.embed_shard(str(p)) for p in batch["shard"]]
+        results = []
+        for p in batch["shard"]:
+            try:
+                results.append({**self.embed_shard(str(p)), "error": ""})
+            except PoolFormatError as exc:
+                # Returned, not raised: Ray Data would bury the line that names the shard in
+                # its own traceback of the task.
+                results.append({**NO_SHARD_RESULT, "shard": str(p), "error": str(exc)})
         return {k: [r[k] for r in results] for k in results[0]}
 
     def _encode(self, images, texts):
@@ -251,28 +271,32 @@ def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path)
     results: list[dict] = []
     if not todo:
         return results
-    bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"embedding ({arch})",
-               unit="shard", file=sys.stderr)
-    if not cfg.use_ray:
-        embedder = ShardEmbedder(cfg, arch, str(out_dir))
-        for shard in todo:
-            results.append(embedder.embed_shard(str(shard)))
-            bar.update(1)
-    else:
-        import ray
+    # (closed before an error propagates: its last refresh must not follow the error line)
+    with tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"embedding ({arch})", unit="shard",
+              file=sys.stderr) as bar:
+        if not cfg.use_ray:
+            embedder = ShardEmbedder(cfg, arch, str(out_dir))
+            for shard in todo:
+                results.append(embedder.embed_shard(str(shard)))
+                bar.update(1)
+        else:
+            import ray
 
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ds = ray.data.from_items([{"shard": str(s)} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(ShardEmbedder, fn_constructor_args=(cfg, arch, str(out_dir)), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(todo))),
-                            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus or None)
-        for row in ds.iter_rows():
-            results.append(dict(row))
-            bar.update(1)
-    bar.close()
+            if not ray.is_initialized():
+                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ds = ray.data.from_items([{"shard": str(s)} for s in todo], override_num_blocks=len(todo))
+            ds = ds.map_batches(ShardEmbedder, fn_constructor_args=(cfg, arch, str(out_dir)), batch_size=1,
+                                compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(todo))),
+                                num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus or None)
+            for row in ds.iter_rows():
+                row = dict(row)
+                error = row.pop("error")
+                if error:
+                    raise PoolFormatError(error)
+                results.append(row)
+                bar.update(1)
     return results
 
 
@@ -443,7 +467,13 @@ def main(argv: list[str] | None = None) -> dict:
                           use_ray=not args.no_ray, overwrite=args.overwrite)
     except ValueError as exc:
         parser.error(str(exc))
-    summary = score_pool(cfg)
+    try:
+        summary = score_pool(cfg)
+    except (PoolFormatError, OSError) as exc:  # inputs and outputs; anything else is a bug: traceback
+        if argv is not None:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(describe(summary))
     return summary
 

@@ -184,3 +184,22 @@ def test_width_must_match_the_columns(pool, checkpoints):
     # nothing was written
     assert read_metadata(Pool(root).metadata_files()[0], ["clip_b32_similarity_score"]).column(0).null_count > 0
     assert not any(Pool.npz_for(p).exists() for p in Pool(root).metadata_files())
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_an_unreadable_shard_is_named_in_one_line(pool, checkpoints, use_ray):
+    import subprocess
+    import sys
+
+    root, _ = pool
+    bad = Pool(root).shard_files()[0]
+    bad.write_bytes(np.random.default_rng(0).bytes(3000))  # not a tar
+    proc = subprocess.run([sys.executable, "-m", "pipeline.score", "--pool", str(root), "--model",
+                           str(checkpoints["b32"]), "--num-actors", "1", "--cpus-per-actor", "1",
+                           *([] if use_ray else ["--no-ray"])],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {bad}: not a readable tar"), last
+    assert not any(Pool.npz_for(p).exists() for p in Pool(root).metadata_files())  # nothing half-written
