@@ -35,7 +35,6 @@ import shutil
 import sys
 import tarfile
 import time
-from zlib import error as zlib_error
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pools.files import atomic_path, file_fingerprint, write_json_atomic
-from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool
+from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool, PoolFormatError
 from pools.tars import iter_samples
 from pools.uids import UID_DTYPE, UID_HEX_CHARS, check_sorted, count_unique_sorted, read_subset
 
@@ -243,7 +242,7 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int,
         for shard in task.shards:
             seen = 0
             counts["input_bytes"] += os.path.getsize(shard.path)
-            for _key, files in _shard_samples(shard.path):
+            for _key, files in iter_samples(shard.path):
                 seen += 1
                 uid, reason = _sample_uid(files)
                 if uid is not None:
@@ -315,15 +314,6 @@ def _prepare_output(cfg: ReshardConfig, signature: dict) -> str:
     return "fresh"
 
 
-def _shard_samples(path: str):
-    """`iter_samples` of one input shard, a tar that cannot be read raising `ReshardError`."""
-    try:
-        yield from iter_samples(path)
-    except (tarfile.TarError, EOFError, OSError, zlib_error) as exc:
-        raise ReshardError(f"{path}: not a readable tar ({type(exc).__name__}: {exc}); re-download it, "
-                           "or move it and its _stats.json out of the input folder") from None
-
-
 def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int) -> list[dict]:
     parts = cfg.output_dir / PARTS_DIR
     results: dict[int, dict] = {}
@@ -358,7 +348,7 @@ def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int) -> lis
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayTaskError as exc:
-                        if isinstance(exc.cause, ReshardError):
+                        if isinstance(exc.cause, (ReshardError, PoolFormatError)):
                             raise exc.cause from None  # the one line that names the shard
                         raise
                     results[result["task_id"]] = result
@@ -520,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(exc))
     try:
         meta = reshard(cfg)
-    except (ReshardError, OSError) as exc:  # inputs and outputs; anything else is a bug: traceback
+    except (ReshardError, PoolFormatError, OSError) as exc:  # inputs and outputs; anything else is a bug: traceback
         if argv is not None:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -152,16 +152,8 @@ def read_shard_samples(path: str) -> list[tuple[str, bytes | None, str]]:
     """(uid, image bytes or None, caption) per sample of one webdataset shard."""
     from pools.tars import iter_samples
 
-    import tarfile
-    import zlib
-
     out = []
-    try:
-        samples = list(iter_samples(path))
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise PoolFormatError(f"{path}: not a readable tar ({type(exc).__name__}: {exc}); re-download it, "
-                              "or move it and its _stats.json out of the shards folder") from None
-    for key, files in samples:
+    for key, files in iter_samples(path):
         d = dict(files)
         try:
             uid = json.loads(d["json"])["uid"]

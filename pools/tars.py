@@ -7,7 +7,10 @@ Used by every stage that streams a pool's shards (`pipeline.reshard`, `pipeline.
 from __future__ import annotations
 
 import tarfile
+import zlib
 from typing import Iterator
+
+from pools.format import PoolFormatError
 
 
 def _split_name(name: str) -> tuple[str | None, str]:
@@ -23,8 +26,18 @@ def iter_samples(path: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Stream a webdataset tar: yield (key, [(extension, raw bytes), ...]) per sample.
 
     Consecutive files with the same key form one sample; a repeated extension starts a new
-    sample (the reference's non-throwing group-by-key).
+    sample (the reference's non-throwing group-by-key). A file that is not a readable tar
+    raises `PoolFormatError` naming it. (A tar cut at a member boundary reads as a shorter
+    tar: only its ``_stats.json`` can tell.)
     """
+    try:
+        yield from _samples(path)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise PoolFormatError(f"{path}: not a readable tar ({type(exc).__name__}: {exc}); re-download it, "
+                              "or move it and its _stats.json out of the shards folder") from None
+
+
+def _samples(path: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     with tarfile.open(path, mode="r|") as tar:
         key, files = None, []
         for member in tar:
