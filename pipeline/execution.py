@@ -76,6 +76,32 @@ class _Claims:
         return (self.root / Path(parquet).name).exists()
 
 
+def new_claims_root(signals_dir: Path) -> Path:
+    """A claims folder for this run, named by this process and machine
+    (``.claims-<id>-<pid>@<host>``), after removing the ones that runs killed on this machine
+    left behind (their process is gone; folders of other machines sharing the disk are theirs)."""
+    import socket
+    import uuid
+
+    host = socket.gethostname()
+    for old in Path(signals_dir).glob(".claims-*"):
+        name, _, old_host = old.name.rpartition("@")
+        pid = name.rsplit("-", 1)[-1]
+        if old_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(signals_dir) / f".claims-{uuid.uuid4().hex[:12]}-{os.getpid()}@{host}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 _TASK_WORKER: SignalsWorker | None = None
 
 
@@ -328,10 +354,9 @@ def run_ray(todo, spec, executor, progress):
     Ray runs in its own thread and is shut down there while the caller goes on: call
     `finish_ray` before exiting."""
     global _SHUTDOWN
-    import uuid
 
     finish_ray()
-    claims = _Claims(Path(todo[0][1]).parent / f".claims-{uuid.uuid4().hex[:12]}")
+    claims = _Claims(new_claims_root(Path(todo[0][1]).parent))
     count = executor.helpers
     if count is None:  # a cluster we connect to is up already: nothing to cover
         count = 0 if executor.ray_address else min(executor.num_workers, os.cpu_count() or 1)

@@ -142,3 +142,27 @@ def test_lid_model_change_invalidates_caption_signals(tmp_path):
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["signals"]["files_computed"] == 1
     assert m["models"]["fasttext"]["path"] == str(copy)
+
+
+def test_claims_left_by_a_killed_run_are_removed_by_the_next(tmp_path):
+    """A killed run leaves its `.claims-*` folder in the signals folder; the next run on this
+    machine removes it, and leaves those of live processes and of other machines alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.execution import new_claims_root
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".claims-0123456789ab-{dead.pid}@{host}"
+    live = tmp_path / f".claims-0123456789ab-{os.getpid()}@{host}"
+    other = tmp_path / f".claims-0123456789ab-{dead.pid}@another-machine"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "x.parquet").touch()
+    root = new_claims_root(tmp_path)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert root.parent == tmp_path and root.name.endswith(f"-{os.getpid()}@{host}") and not root.exists()
