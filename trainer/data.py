@@ -43,7 +43,13 @@ def expand_shards(spec: str) -> list[str]:
     for part in spec.split("::"):
         out.extend(_expand_one(part))
     if not out:
-        raise FileNotFoundError(f"no shards found for {spec!r}")
+        meta = Path(spec) / "meta.json"
+        empty = meta.is_file() and json.loads(meta.read_text() or "{}").get("output_count") == 0
+        raise FileNotFoundError(
+            f"{spec}: no training shards there" + (
+                " (pipeline.reshard wrote none: no sample of its subset had an image; see its meta.json)"
+                if empty else "; --data takes pipeline.reshard's output folder, a folder of .tar shards, "
+                "a brace pattern (shards/{00000000..00000009}.tar) or several joined with '::'"))
     return out
 
 

@@ -347,6 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
     env = init_distributed(cfg.device)
     try:
         manifest = train(cfg, env)
+    except FileNotFoundError as exc:  # the data or a checkpoint to resume from: one line, no traceback
+        if argv is not None:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         shutdown(env)
     if env.is_master:

@@ -120,3 +120,23 @@ def test_two_process_ddp_matches_single_process_loss(train_pool, tmp_path):
     assert abs(l_ddp[0] - l_single[0]) < 0.15
     assert abs(l_ddp[-20:].mean() - l_single[-20:].mean()) < 0.1 * l_single[-20:].mean()
     assert l_ddp[-20:].mean() < l_ddp[:5].mean() - 0.2
+
+
+def test_empty_or_missing_data_is_one_line(small_pool, tmp_path):
+    """An empty reshard (its subset matched no image) and a folder without shards: exit 2, one line."""
+    from pipeline.reshard import main as reshard_main
+    from pools.uids import uids_to_records, write_subset
+
+    subset = tmp_path / "nothing.npy"
+    write_subset(subset, uids_to_records(["ab" * 16]))  # a uid the pool does not have
+    empty = tmp_path / "empty"
+    assert reshard_main(["--pool", str(small_pool), "--subset", str(subset), "--out", str(empty),
+                         "--no-ray"])["output_count"] == 0
+    (tmp_path / "bare").mkdir()
+    for data, says in ((empty, "pipeline.reshard wrote none"), (tmp_path / "bare", "--data takes")):
+        proc = subprocess.run([sys.executable, "-m", "trainer.train", "--scale", "tiny", "--data", str(data),
+                               "--out", str(tmp_path / f"run_{data.name}"), "--no-progress"],
+                              cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {data}: no training shards there") and says in last, last
