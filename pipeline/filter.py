@@ -900,8 +900,12 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.signals import SignalsError
 
     try:
+        for flag, folder in (("--out", cfg.out), ("--signals-dir", cfg.signals)):
+            if folder.exists() and not folder.is_dir():
+                raise FilterError(f"{flag} {folder} is a file, not a folder")
         return run(cfg)
-    except (FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError) as exc:
+    except (FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError, OSError) as exc:
+        # (OSError: a folder that cannot be written, a full disk; its message names the path)
         if argv is not None:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -252,3 +252,17 @@ def test_pool_scored_with_l14_only_b32_strategies_name_what_is_missing(pool, tmp
     stats = _run(pool, tmp_path / "l14", "clip", "image", extra=("--centroids", str(c), "--targets", str(t)))
     assert stats["strategies"]["clip"]["kept"] == len(ref.clip_score(pool, "l14", fraction=0.3))
     assert stats["strategies"]["image"]["kept"] > 0
+
+
+def test_out_or_signals_dir_that_is_a_file(pool, tmp_path):
+    import subprocess
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for flags, flag in ((["--out", str(a_file)], "--out"),
+                        (["--out", str(tmp_path / "o"), "--signals-dir", str(a_file)], "--signals-dir")):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.filter", "--pool", str(pool), "--strategy", "basic",
+                               "--executor", "local", "--quiet", *flags], capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip() == f"error: {flag} {a_file} is a file, not a folder"
+    assert a_file.read_text() == "mine"
