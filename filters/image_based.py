@@ -22,6 +22,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
+
+from filters.arrays import to_numpy
 
 _F32_UNIT_ROUNDOFF = 2.0 ** -24
 _SCORE_BUDGET = 1 << 25  # float32 scores held per batch (128 MiB)
@@ -177,8 +180,6 @@ def embedding_signals(l14_img) -> dict[str, np.ndarray]:
 def centroid_signals(l14_img, image_embedding_missing, centroids) -> dict[str, np.ndarray]:
     """Nearest pool centroid of each row (`centroids`: embeddings -> indices); `NO_CENTROID`
     for a row without an image embedding."""
-    from filters.arrays import to_numpy
-
     emb = np.asarray(l14_img)
     nearest = np.full(len(emb), NO_CENTROID, dtype=np.int32)
     if not isinstance(image_embedding_missing, np.ndarray):  # stored by an earlier run: an Arrow column
@@ -189,12 +190,8 @@ def centroid_signals(l14_img, image_embedding_missing, centroids) -> dict[str, n
     return {"nearest_centroid": nearest}
 
 
-def target_centroid_signals(nearest_centroid, target_centroids) -> dict[str, "pa.Array"]:
+def target_centroid_signals(nearest_centroid, target_centroids) -> dict[str, pa.Array]:
     """Whether each row's nearest centroid is a target centroid (null where it is unknown)."""
-    import pyarrow as pa
-
-    from filters.arrays import to_numpy
-
     col = nearest_centroid.combine_chunks() if isinstance(nearest_centroid, pa.ChunkedArray) else nearest_centroid
     col = pa.array(col) if not isinstance(col, pa.Array) else col
     hit = image_based_mask(to_numpy(col.fill_null(NO_CENTROID)), target_centroids)

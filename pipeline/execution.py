@@ -189,8 +189,11 @@ class _Helpers:
             [sys.executable, "-c", "from pipeline.execution import _helper_main; _helper_main()", str(claims.root)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log) for log in self._logs]
         for proc in self._procs:
-            proc.stdin.write(job)
-            proc.stdin.close()
+            try:
+                proc.stdin.write(job)
+                proc.stdin.close()
+            except BrokenPipeError:  # it died at start-up: its reader thread reports its log
+                pass
         self._readers = [threading.Thread(target=self._read, args=(p, log), daemon=True)
                          for p, log in zip(self._procs, self._logs)]
         for t in self._readers:

@@ -342,7 +342,6 @@ class TableSource:
         if caching:
             self._complete = True
 
-
     def batches(self, max_rows: int = QUERY_BATCH_ROWS) -> Iterator[tuple[list[tuple[Path, int]], pa.Table]]:
         """Consecutive files' tables as one (zero-copy) up to `max_rows` rows, with each file's
         path and row count: the rules then run as one Polars query per batch, not per file (a
@@ -439,8 +438,8 @@ def _uid_records(table: pa.Table, rows: np.ndarray, parts: Sequence[tuple[Path, 
 
 def keep_masks(table: pa.Table, specs: Mapping[str, StrategySpec], thresholds: Mapping[str, float],
                funnels: Mapping[str, Funnel] | None = None) -> dict[str, np.ndarray]:
-    """Every strategy's keep mask on one file (members before the strategies intersecting them),
-    adding to `funnels` when given."""
+    """Every strategy's keep mask on the rows of `table` (members before the strategies
+    intersecting them), adding to `funnels` when given."""
     masks: dict[str, np.ndarray] = {}
     evaluated = evaluate_steps(table, specs.values(), thresholds)
     for name, spec in specs.items():
