@@ -20,6 +20,14 @@ output shard ids are assigned at the end in input order, so the same inputs alwa
 files (the reference numbers shards in completion order). Subset uids that were not found (their
 image failed to download) are counted in ``meta.json``, not treated as errors.
 
+What the reference does not guard against is refused or counted: a shard that is not a readable
+tar or holds fewer samples than its ``_stats.json`` says stops the job naming it
+(``--on-bad-shard skip``: the shard is left out whole and listed in ``input_shards_failed``); a
+subset uid found in two samples of the shards (a shard copied under another id) stops the job
+naming both places (``--on-duplicate-uid keep-first``: the first in input order is written, the
+others are counted as ``dropped_duplicate_uid``); tar members whose names are not a plain
+``<key>.<ext>`` are skipped and counted (``members_skipped_bad_name``).
+
 Reads:  <pool>/shards/{:08d}.tar + {:08d}_stats.json, the subset (.npy or raw u8,u8 memmap).
 Writes: <out>/{:08d}.tar, <out>/{:08d}_stats.json, <out>/sample_ids.npy, <out>/meta.json.
 """
@@ -37,21 +45,29 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
 from pools.files import atomic_path, file_fingerprint, write_json_atomic
 from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool, PoolFormatError
-from pools.tars import iter_samples
+from pools.tars import MEMBERS_SKIPPED, iter_samples
 from pools.uids import UID_DTYPE, UID_HEX_CHARS, check_sorted, count_unique_sorted, read_subset
 
 PARTS_DIR = "_parts"
 META_FILE = "meta.json"
 SAMPLE_IDS_FILE = "sample_ids.npy"
-# Counters every task returns; processed == selected + not_in_subset + no_json + bad_uid.
+# Counters every task returns; processed == selected + not_in_subset + no_json + bad_uid +
+# duplicate_uid (samples of failed shards are not processed: input_samples_failed counts them).
 TASK_COUNTERS = ("processed_count", "selected_count", "output_count", "dropped_not_in_subset",
-                 "dropped_no_json", "dropped_bad_uid", "input_bytes", "output_bytes")
+                 "dropped_no_json", "dropped_bad_uid", "dropped_duplicate_uid", MEMBERS_SKIPPED,
+                 "input_bytes", "output_bytes")
+# Per selected sample: its uid's row in the subset (first of equal rows) and its place in the
+# input (samples before it in all shards); the job finds uids selected twice from these.
+FOUND_DTYPE = np.dtype([("subset_row", "<i8"), ("sample", "<i8")])
+BAD_SHARD_POLICIES = ("fail", "skip")
+DUPLICATE_UID_POLICIES = ("error", "keep-first")
 
 
 class ReshardError(ValueError):
@@ -72,8 +88,15 @@ class ReshardConfig:
     output_shard_stats_format: str = SHARD_STATS_FORMAT
     overwrite: bool = False
     use_ray: bool = True  # False: run tasks one after another in this process
+    on_bad_shard: str = "fail"  # "skip": leave an unreadable or truncated shard out, listed in meta.json
+    on_duplicate_uid: str = "error"  # "keep-first": write the first sample of a uid found twice
 
     def __post_init__(self) -> None:
+        if self.on_bad_shard not in BAD_SHARD_POLICIES:
+            raise ValueError(f"--on-bad-shard must be one of {BAD_SHARD_POLICIES}, got {self.on_bad_shard!r}")
+        if self.on_duplicate_uid not in DUPLICATE_UID_POLICIES:
+            raise ValueError(f"--on-duplicate-uid must be one of {DUPLICATE_UID_POLICIES}, "
+                             f"got {self.on_duplicate_uid!r}")
         if self.shard_size <= 0:
             raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
         if self.num_workers <= 0:
@@ -223,26 +246,61 @@ class _BytesReader:
         return out
 
 
-def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int,
-                 output_shard_format: str) -> dict:
+class _BadShard(Exception):
+    """An input shard failed while its task runs with --on-bad-shard skip: the task restarts without it."""
+
+    def __init__(self, shard: InputShard, reason: str):
+        super().__init__(reason)
+        self.shard, self.reason = shard, reason
+
+
+def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int, output_shard_format: str,
+                 on_bad_shard: str = "fail", skip_samples: tuple[int, ...] = ()) -> dict:
     """Stream the task's input shards and write the selected samples into `part_dir`.
 
-    Returns the task's counters plus ``shard_sizes``; also writes them to ``<part_dir>.json``,
-    the marker that says the task is done.
+    `skip_samples` are input sample numbers not to write (later copies of a uid, found by the
+    job). With ``on_bad_shard="skip"`` a shard that fails leaves the task's output as if it were
+    not there: the task starts again without it (shards are rarely bad; a partial shard's
+    samples must not stay in the output). Returns the task's counters plus ``shard_sizes`` and
+    ``input_shards_failed``; also writes them to ``<part_dir>.json``, the marker that says the
+    task is done, after the selected samples' places in ``<part_dir>.found.npy``.
     """
-    subset = read_subset(subset_file)
+    failed: list[dict] = []
+    while True:
+        shards = tuple(s for s in task.shards if s.path not in {f["path"] for f in failed})
+        try:
+            result, found = _write_task(shards, subset_file, Path(part_dir), shard_size, output_shard_format,
+                                        on_bad_shard == "skip", set(skip_samples))
+            break
+        except _BadShard as bad:
+            failed.append({"shard": Path(bad.shard.path).name, "path": bad.shard.path,
+                           "expected_samples": bad.shard.size, "reason": bad.reason})
+    result = {"task_id": task.task_id, **result, "input_shards_failed": failed,
+              "skip_samples": sorted(skip_samples)}
     folder = Path(part_dir)
+    with atomic_path(folder.with_suffix(".found.npy")) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, found)
+    write_json_atomic(folder.with_suffix(".json"), result)
+    return result
+
+
+def _write_task(shards: tuple[InputShard, ...], subset_file: str, folder: Path, shard_size: int,
+                output_shard_format: str, skip_bad: bool, skip_samples: set[int]) -> tuple[dict, np.ndarray]:
+    subset = read_subset(subset_file)
     if folder.exists():
         shutil.rmtree(folder)  # leftovers of an interrupted attempt
     folder.mkdir(parents=True)
     counts = dict.fromkeys(TASK_COUNTERS, 0)
+    found: list[tuple[int, int]] = []
     warnings: list[str] = []
     sink = ShardSink(folder, output_shard_format, shard_size)
     try:
-        for shard in task.shards:
+        for shard in shards:
             seen = 0
             counts["input_bytes"] += os.path.getsize(shard.path)
-            for _key, files in iter_samples(shard.path):
+            for files in _shard_samples(shard, counts, skip_bad):
+                sample = shard.data_start + seen
                 seen += 1
                 uid, reason = _sample_uid(files)
                 if uid is not None:
@@ -253,9 +311,14 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int,
                 if uid is None:
                     counts[reason] += 1
                     continue
-                k = int(np.searchsorted(subset, record, "right") - np.searchsorted(subset, record, "left"))
+                first = int(np.searchsorted(subset, record, "left"))
+                k = int(np.searchsorted(subset, record, "right")) - first
                 if k == 0:
                     counts["dropped_not_in_subset"] += 1
+                    continue
+                found.append((first, sample))  # skipped copies too: the job's duplicate search stays the same
+                if sample in skip_samples:
+                    counts["dropped_duplicate_uid"] += 1
                     continue
                 counts["selected_count"] += 1
                 uid = uid.zfill(UID_HEX_CHARS)
@@ -263,9 +326,6 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int,
                     sink.write(f"{uid}-{j}", files)
                 counts["output_count"] += k
             counts["processed_count"] += seen
-            if seen < shard.size:  # tarfile ends a truncated stream quietly at the last whole member
-                raise ReshardError(f"{shard.path}: holds {seen} samples but its _stats.json says {shard.size}: "
-                                   "truncated? re-download it, or move it and its _stats.json out of the input folder")
             if seen != shard.size:
                 warnings.append(f"{shard.path}: _stats.json says {shard.size} samples, the tar holds {seen}")
         sink.close()
@@ -273,10 +333,27 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int,
         sink.abort()
         raise
     counts["output_bytes"] = sink.bytes
-    result = {"task_id": task.task_id, **counts, "shard_sizes": sink.sizes, "warnings": warnings,
-              "input_shards": [Path(s.path).name for s in task.shards]}
-    write_json_atomic(folder.with_suffix(".json"), result)
-    return result
+    result = {**counts, "shard_sizes": sink.sizes, "warnings": warnings,
+              "input_shards": [Path(s.path).name for s in shards]}
+    return result, np.array(found, dtype=FOUND_DTYPE)
+
+
+def _shard_samples(shard: InputShard, counts: dict, skip_bad: bool) -> Iterator[list[tuple[str, bytes]]]:
+    """The samples of one input shard, streamed; a shard that is not a readable tar or is
+    truncated raises a one-line error naming it (`_BadShard` when bad shards are skipped)."""
+    seen = 0
+    try:
+        for _key, files in iter_samples(shard.path, counts):
+            seen += 1
+            yield files
+        if seen < shard.size:  # tarfile ends a truncated stream quietly at the last whole member
+            raise ReshardError(f"{shard.path}: holds {seen} samples but its _stats.json says {shard.size}: "
+                               "truncated? re-download it, or move it and its _stats.json out of the input "
+                               "folder (or pass --on-bad-shard skip)")
+    except (ReshardError, PoolFormatError) as exc:
+        if skip_bad:
+            raise _BadShard(shard, str(exc)) from None
+        raise
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -314,19 +391,24 @@ def _prepare_output(cfg: ReshardConfig, signature: dict) -> str:
     return "fresh"
 
 
-def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int) -> list[dict]:
+def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int,
+               skips: Mapping[int, tuple[int, ...]] | None = None) -> list[dict]:
+    """Run the tasks not done yet; `skips`: per task, the input samples it must not write (a task
+    done with other skips runs again); None: any finished task is taken as it is."""
     parts = cfg.output_dir / PARTS_DIR
     results: dict[int, dict] = {}
     todo = []
     for task in tasks:
         marker = parts / f"task_{task.task_id:05d}.json"
-        if marker.is_file():
-            results[task.task_id] = json.loads(marker.read_text())
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        if done is not None and (skips is None or done["skip_samples"] == sorted(skips.get(task.task_id, ()))):
+            results[task.task_id] = done
         else:
             todo.append(task)
     args = lambda t: (t, str(cfg.subset_file), str(parts / f"task_{t.task_id:05d}"),  # noqa: E731
-                      cfg.shard_size, cfg.output_shard_format)
-    done_samples = sum(r["processed_count"] for r in results.values())
+                      cfg.shard_size, cfg.output_shard_format, cfg.on_bad_shard,
+                      tuple((skips or {}).get(t.task_id, ())))
+    done_samples = sum(r["processed_count"] for r in results.values()) if skips is None else 0
     with tqdm(total=total_samples, initial=done_samples, desc="resharding", unit="sample",
               file=sys.stderr, smoothing=0) as bar:
         if not cfg.use_ray or len(todo) <= 1:
@@ -354,6 +436,44 @@ def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int) -> lis
                     results[result["task_id"]] = result
                     bar.update(result["processed_count"])
     return [results[t.task_id] for t in tasks]
+
+
+def _found_samples(cfg: ReshardConfig, tasks: list[Task]) -> np.ndarray:
+    """Every selected sample's (subset row, input sample number), from the tasks' found files."""
+    parts = cfg.output_dir / PARTS_DIR
+    found = [np.load(parts / f"task_{t.task_id:05d}.found.npy", allow_pickle=False) for t in tasks]
+    return np.concatenate(found) if found else np.empty(0, dtype=FOUND_DTYPE)
+
+
+def later_copies(found: np.ndarray, subset: np.ndarray, shards: list[InputShard], tasks: list[Task],
+                 policy: str) -> dict[int, tuple[int, ...]]:
+    """Per task, the input samples whose uid an earlier sample (in input order) already has.
+
+    With policy "error", the first such uid raises `ReshardError` naming both places.
+    """
+    found = found[np.lexsort((found["sample"], found["subset_row"]))]
+    repeated = np.flatnonzero(found["subset_row"][1:] == found["subset_row"][:-1]) + 1
+    if not len(repeated):
+        return {}
+    if policy == "error":
+        i = int(repeated[0])
+        from pools.uids import records_to_uids
+
+        uid = records_to_uids(subset[int(found["subset_row"][i]):int(found["subset_row"][i]) + 1])[0]
+        starts = np.array([s.data_start for s in shards])
+
+        def place(sample: int) -> str:
+            shard = shards[int(np.searchsorted(starts, sample, side="right")) - 1]
+            return f"{shard.path} (sample {sample - shard.data_start})"
+
+        raise ReshardError(f"uid {uid} is in two samples of the shards: {place(int(found['sample'][i - 1]))} and "
+                           f"{place(int(found['sample'][i]))} ({len(repeated)} such copies in all; a shard copied "
+                           "under another id?); remove the copies, or pass --on-duplicate-uid keep-first to write "
+                           "the first and count the others")
+    task_starts = np.array([t.shards[0].data_start for t in tasks])
+    samples = np.sort(found["sample"][repeated])
+    owner = np.searchsorted(task_starts, samples, side="right") - 1
+    return {tasks[int(k)].task_id: tuple(int(x) for x in samples[owner == k]) for k in np.unique(owner)}
 
 
 def _finalize(cfg: ReshardConfig, results: list[dict]) -> int:
@@ -406,6 +526,12 @@ def reshard(cfg: ReshardConfig) -> dict:
     num_tasks = min(len(shards), max(cfg.num_workers, math.ceil(total / cfg.max_task_samples)))
     tasks = plan_tasks(shards, num_tasks)
     results = _run_tasks(cfg, tasks, total)
+    found = _found_samples(cfg, tasks)
+    skips = later_copies(found, subset, shards, tasks, cfg.on_duplicate_uid)
+    if skips:
+        print(f"{sum(map(len, skips.values()))} input samples repeat a uid selected earlier: writing the first "
+              f"only (--on-duplicate-uid keep-first); redoing {len(skips)} task(s)", file=sys.stderr)
+        results = _run_tasks(cfg, tasks, total, skips)
     output_shard_count = _finalize(cfg, results)
     with atomic_path(cfg.output_dir / SAMPLE_IDS_FILE) as tmp:
         shutil.copyfile(cfg.subset_file, tmp)
@@ -414,6 +540,7 @@ def reshard(cfg: ReshardConfig) -> dict:
     subset_size = len(subset)
     subset_unique = count_unique_sorted(subset)
     warnings = [w for r in results for w in r["warnings"]]
+    failed = [{k: v for k, v in f.items() if k != "path"} for r in results for f in r["input_shards_failed"]]
     meta = {
         # the reference's argument names
         "input_dir": str(cfg.input_dir), "output_dir": str(cfg.output_dir),
@@ -429,10 +556,13 @@ def reshard(cfg: ReshardConfig) -> dict:
         "subset_size": subset_size, "subset_unique_uids": subset_unique,
         "selected_count": counts["selected_count"],
         "subset_uids_not_found": subset_size - counts["output_count"],
-        "subset_unique_uids_not_found": subset_unique - counts["selected_count"],
+        "subset_unique_uids_not_found": subset_unique - len(np.unique(found["subset_row"])),
         "dropped_not_in_subset": counts["dropped_not_in_subset"],
         "dropped_no_json": counts["dropped_no_json"], "dropped_bad_uid": counts["dropped_bad_uid"],
+        "dropped_duplicate_uid": counts["dropped_duplicate_uid"],
+        MEMBERS_SKIPPED: counts[MEMBERS_SKIPPED],
         "input_shards": len(shards), "input_shards_skipped": skipped,
+        "input_shards_failed": failed, "input_samples_failed": sum(f["expected_samples"] for f in failed),
         "expected_input_samples": total, "input_bytes": counts["input_bytes"],
         "output_bytes": counts["output_bytes"], "tasks": len(tasks),
         "warnings": warnings, "elapsed_s": round(time.perf_counter() - start, 3),
@@ -451,9 +581,13 @@ def describe(meta: dict) -> str:
         lines.append(f"{meta['subset_uids_not_found']} of the subset's {meta['subset_size']} uids were "
                      f"not found in the shards ({meta['subset_unique_uids_not_found']} distinct; "
                      "usually images that failed to download)")
-    for reason in ("dropped_no_json", "dropped_bad_uid"):
+    for reason in ("dropped_no_json", "dropped_bad_uid", "dropped_duplicate_uid"):
         if meta[reason]:
             lines.append(f"{meta[reason]} input samples {reason.replace('_', ' ')[8:]}")
+    if meta[MEMBERS_SKIPPED]:
+        lines.append(f"{meta[MEMBERS_SKIPPED]} tar members skipped: not a plain <key>.<ext> name")
+    for f in meta["input_shards_failed"]:
+        lines.append(f"skipped shard {f['shard']} ({f['expected_samples']} samples): {f['reason']}")
     for w in meta["warnings"]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -494,6 +628,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="output shard names (default %(default)s)")
     parser.add_argument("--output-shard-stats-format", default=SHARD_STATS_FORMAT,
                         help="output shard stats names (default %(default)s)")
+    parser.add_argument("--on-bad-shard", choices=BAD_SHARD_POLICIES, default="fail",
+                        help="an input shard that is not a readable tar or is truncated stops the job (fail, "
+                             "default) or is left out whole and listed in meta.json's input_shards_failed (skip)")
+    parser.add_argument("--on-duplicate-uid", choices=DUPLICATE_UID_POLICIES, default="error",
+                        help="a subset uid found in two samples of the shards stops the job naming both (error, "
+                             "default), or only the first in input order is written and the others counted as "
+                             "dropped_duplicate_uid (keep-first)")
     parser.add_argument("--no-ray", action="store_true", help="run in this process, one task after another")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the output folder's contents first (default: resume or refuse)")
@@ -505,7 +646,8 @@ def main(argv: list[str] | None = None) -> dict:
                             shard_stats_format=args.shard_stats_format,
                             output_shard_format=args.output_shard_format,
                             output_shard_stats_format=args.output_shard_stats_format,
-                            overwrite=args.overwrite, use_ray=not args.no_ray)
+                            overwrite=args.overwrite, use_ray=not args.no_ray, on_bad_shard=args.on_bad_shard,
+                            on_duplicate_uid=args.on_duplicate_uid)
     except ValueError as exc:
         parser.error(str(exc))
     try:

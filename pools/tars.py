@@ -6,11 +6,24 @@ Used by every stage that streams a pool's shards (`pipeline.reshard`, `pipeline.
 
 from __future__ import annotations
 
+import re
 import tarfile
 import zlib
-from typing import Iterator
+from typing import Iterator, MutableMapping
 
 from pools.format import PoolFormatError
+
+
+# A member name a pool's shard may hold: <key>.<ext>, no folder, no leading dot, printable
+# ASCII. img2dataset writes exactly such names; anything else (``../../x.jpg``, ``/etc/x.json``,
+# ``a/b.jpg``) is skipped and counted, so a crafted tar cannot pose as extra copies of a sample.
+_PLAIN_MEMBER = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*\.[A-Za-z0-9_.\-]+$")
+MEMBERS_SKIPPED = "members_skipped_bad_name"  # the counter iter_samples adds skipped members to
+
+
+def is_plain_member(name: str) -> bool:
+    """Is `name` a flat ``<key>.<ext>`` tar member name (no folder, no ``..``)?"""
+    return bool(_PLAIN_MEMBER.match(name)) and ".." not in name
 
 
 def _split_name(name: str) -> tuple[str | None, str]:
@@ -22,26 +35,32 @@ def _split_name(name: str) -> tuple[str | None, str]:
     return name[:dot], name[dot + 1:]
 
 
-def iter_samples(path: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+def iter_samples(path: str, counts: MutableMapping[str, int] | None = None
+                 ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Stream a webdataset tar: yield (key, [(extension, raw bytes), ...]) per sample.
 
     Consecutive files with the same key form one sample; a repeated extension starts a new
-    sample (the reference's non-throwing group-by-key). A file that is not a readable tar
-    raises `PoolFormatError` naming it. (A tar cut at a member boundary reads as a shorter
-    tar: only its ``_stats.json`` can tell.)
+    sample (the reference's non-throwing group-by-key). Members whose name is not a plain
+    ``<key>.<ext>`` are skipped and counted in ``counts[MEMBERS_SKIPPED]`` when `counts` is
+    given. A file that is not a readable tar raises `PoolFormatError` naming it. (A tar cut
+    at a member boundary reads as a shorter tar: only its ``_stats.json`` can tell.)
     """
     try:
-        yield from _samples(path)
+        yield from _samples(path, counts)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise PoolFormatError(f"{path}: not a readable tar ({type(exc).__name__}: {exc}); re-download it, "
                               "or move it and its _stats.json out of the shards folder") from None
 
 
-def _samples(path: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+def _samples(path: str, counts: MutableMapping[str, int] | None) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     with tarfile.open(path, mode="r|") as tar:
         key, files = None, []
         for member in tar:
             if not member.isfile():
+                continue
+            if not is_plain_member(member.name):
+                if counts is not None:
+                    counts[MEMBERS_SKIPPED] = counts.get(MEMBERS_SKIPPED, 0) + 1
                 continue
             k, ext = _split_name(member.name)
             if k is None:

@@ -295,3 +295,94 @@ def test_an_unreadable_shard_is_named(small_pool, subset, tmp_path, use_ray):
         proc = _run_cli("-i", shards_dir, "-s", path, "-o", tmp_path / f"out_{damage}_{use_ray}",
                         "-j", "2", *([] if use_ray else ["--no-ray"]))
         _one_line_error(proc, str(bad), "truncated?" if damage == "truncated" else "not a readable tar")
+
+
+def _copy_shards(small_pool, folder, skip=()):
+    folder.mkdir()
+    for p in Pool(small_pool).shards_dir.iterdir():
+        if not any(p.name.startswith(s) for s in skip):
+            (folder / p.name).write_bytes(p.read_bytes())
+    return folder
+
+
+def _accounted(meta):
+    """Every input sample is read and counted with its outcome, or belongs to a failed shard."""
+    assert meta["processed_count"] == (meta["selected_count"] + meta["dropped_not_in_subset"]
+                                       + meta["dropped_no_json"] + meta["dropped_bad_uid"]
+                                       + meta["dropped_duplicate_uid"])
+    assert meta["processed_count"] + meta["input_samples_failed"] == meta["expected_input_samples"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_on_bad_shard_skip_leaves_the_shard_out_whole(small_pool, subset, tmp_path, damage):
+    """The output equals a reshard of the pool without the bad shard, which is listed with its reason."""
+    path, _, _ = subset
+    shards_dir = _copy_shards(small_pool, tmp_path / "shards")
+    bad = shards_dir / "00000001.tar"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[:len(raw) // 3 + 100] if damage == "truncated" else np.random.default_rng(0).bytes(4096))
+    without = _copy_shards(small_pool, tmp_path / "without", skip=("00000001",))
+    args = ["-s", str(path), "--shard-size", str(SHARD_SIZE), "-j", "3", "--no-ray"]
+    meta = main(["-i", str(shards_dir), "-o", str(tmp_path / "out"), "--on-bad-shard", "skip", *args])
+    ref = main(["-i", str(without), "-o", str(tmp_path / "ref"), *args])
+    assert _digest(tmp_path / "out") == _digest(tmp_path / "ref")
+    expected = json.loads((shards_dir / "00000001_stats.json").read_text())["successes"]
+    assert [(f["shard"], f["expected_samples"]) for f in meta["input_shards_failed"]] == [("00000001.tar", expected)]
+    assert ("truncated?" if damage == "truncated" else "not a readable tar") in meta["input_shards_failed"][0]["reason"]
+    assert meta["input_samples_failed"] == expected
+    assert meta["output_count"] == ref["output_count"] and meta["processed_count"] == ref["processed_count"]
+    _accounted(meta)
+
+
+def _add_copy_of_shard(shards_dir, source_id, new_id):
+    for suffix in (".tar", "_stats.json"):
+        (shards_dir / f"{new_id:08d}{suffix}").write_bytes((shards_dir / f"{source_id:08d}{suffix}").read_bytes())
+
+
+def test_a_uid_in_two_shards_is_an_error_naming_both_or_kept_once(small_pool, subset, tmp_path):
+    path, multiplicity, present = subset
+    shards_dir = _copy_shards(small_pool, tmp_path / "shards")
+    _add_copy_of_shard(shards_dir, 0, 3)  # shard 0 copied under a new id: every uid of it twice
+    proc = _run_cli("-i", shards_dir, "-s", path, "-o", tmp_path / "err", "-j", "2", "--no-ray")
+    _one_line_error(proc, f"{shards_dir}/00000000.tar (sample ", f"{shards_dir}/00000003.tar (sample ",
+                    "--on-duplicate-uid keep-first")
+
+    args = ["-s", str(path), "--shard-size", str(SHARD_SIZE), "-j", "2"]
+    meta = main(["-i", str(shards_dir), "-o", str(tmp_path / "out"), "--on-duplicate-uid", "keep-first",
+                 "--no-ray", *args])
+    ref = main(["-i", str(Pool(small_pool).shards_dir), "-o", str(tmp_path / "ref"), "--no-ray", *args])
+    assert _digest(tmp_path / "out") == {k: v for k, v in _digest(tmp_path / "ref").items()}
+    copied = sum(1 for files in _tar_samples(shards_dir / "00000000.tar").values()
+                 if json.loads(files["json"])["uid"] in multiplicity)
+    assert meta["dropped_duplicate_uid"] == copied > 0
+    for key in ("selected_count", "output_count", "subset_uids_not_found", "subset_unique_uids_not_found"):
+        assert meta[key] == ref[key], key  # true counts whatever the shards hold
+    _accounted(meta)
+    # the same through Ray, and a rerun over the finished output changes nothing
+    ray_meta = main(["-i", str(shards_dir), "-o", str(tmp_path / "ray"), "--on-duplicate-uid", "keep-first", *args])
+    assert _digest(tmp_path / "ray") == _digest(tmp_path / "out")
+    assert ray_meta["dropped_duplicate_uid"] == copied
+
+
+def test_members_with_crafted_names_are_skipped_and_counted(small_pool, subset, tmp_path):
+    """`../../x.jpg` members with a real uid's json are not written as extra copies, nor outside --out."""
+    path, multiplicity, present = subset
+    shards_dir = _copy_shards(small_pool, tmp_path / "shards")
+    target = shards_dir / "00000002.tar"
+    uid = next(u for u in multiplicity if u in present)
+    import io
+
+    with tarfile.open(target, "a") as tar:
+        for name, data in (("../../evil.jpg", b"x"), ("../../evil.json", json.dumps({"uid": uid}).encode()),
+                           ("/tmp/evil.txt", b"t")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    args = ["-s", str(path), "--shard-size", str(SHARD_SIZE), "--no-ray"]
+    meta = main(["-i", str(shards_dir), "-o", str(tmp_path / "deep" / "out"), *args])
+    ref = main(["-i", str(Pool(small_pool).shards_dir), "-o", str(tmp_path / "ref"), *args])
+    assert meta["members_skipped_bad_name"] == 3
+    assert _digest(tmp_path / "deep" / "out") == _digest(tmp_path / "ref")
+    assert meta["output_count"] == ref["output_count"]
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["out"]
+    _accounted(meta)

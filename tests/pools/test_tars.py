@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pools.format import PoolFormatError
-from pools.tars import iter_samples
+from pools.tars import MEMBERS_SKIPPED, iter_samples
 
 
 def _tar(path, members):
@@ -22,9 +22,20 @@ def _tar(path, members):
 
 def test_samples_in_order_grouped_by_key(tmp_path):
     path = _tar(tmp_path / "0.tar", [("a.jpg", b"1"), ("a.json", b"{}"), ("b.jpg", b"2"), ("b.jpg", b"3"),
-                                     ("dir/c.txt", b"t"), ("noext", b"x")])
+                                     ("c.txt", b"t")])
     assert list(iter_samples(str(path))) == [("a", [("jpg", b"1"), ("json", b"{}")]), ("b", [("jpg", b"2")]),
-                                             ("b", [("jpg", b"3")]), ("dir/c", [("txt", b"t")])]
+                                             ("b", [("jpg", b"3")]), ("c", [("txt", b"t")])]
+
+
+def test_members_that_are_not_plain_names_are_skipped_and_counted(tmp_path):
+    """A crafted tar's ``../../x.json`` must not become a sample (an extra copy of a real uid)."""
+    path = _tar(tmp_path / "0.tar", [("a.jpg", b"1"), ("a.json", b'{"uid": "1"}'), ("../../a.jpg", b"2"),
+                                     ("../../a.json", b'{"uid": "1"}'), ("/abs/b.txt", b"t"), ("dir/c.txt", b"t"),
+                                     (".hidden.jpg", b"h"), ("noext", b"x"), ("d.txt", b"d")])
+    counts = {}
+    assert list(iter_samples(str(path), counts)) == [("a", [("jpg", b"1"), ("json", b'{"uid": "1"}')]),
+                                                     ("d", [("txt", b"d")])]
+    assert counts == {MEMBERS_SKIPPED: 6}
 
 
 @pytest.mark.parametrize("damage", ["empty", "random", "gzip_of_text"])
