@@ -70,6 +70,7 @@ class ScoreConfig:
     decode_threads: int = 2
     use_ray: bool = True
     overwrite: bool = False
+    skip_bad_shards: bool = False  # a shard that is not a readable tar is left out and listed, not fatal
 
     def __post_init__(self) -> None:
         if self.arch is not None and self.arch not in ARCH_WIDTH:
@@ -257,9 +258,23 @@ class ShardEmbedder:
         return out, time.perf_counter() - t
 
 
+def _failed_marker(out_dir: Path, shard: Path) -> Path:
+    return out_dir / (shard.stem + ".failed.json")
+
+
+def _shard_failed(cfg: ScoreConfig, out_dir: Path, shard: str, error: str) -> None:
+    """A shard that could not be read: the error, or with --on-bad-shard skip a marker that
+    leaves it out (its rows count as missing_from_shards) and lists it in the summary."""
+    if not cfg.skip_bad_shards:
+        raise PoolFormatError(error)
+    print(f"warning: skipping {error}", file=sys.stderr)
+    write_json_atomic(_failed_marker(out_dir, Path(shard)), {"shard": Path(shard).name, "reason": error})
+
+
 def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path) -> list[dict]:
     """Embed every shard whose result is not saved yet; in this process or as a Ray Data job."""
-    todo = [s for s in shards if not (out_dir / (s.stem + ".npz")).is_file()]
+    todo = [s for s in shards if not (out_dir / (s.stem + ".npz")).is_file()
+            and not _failed_marker(out_dir, s).is_file()]
     results: list[dict] = []
     if not todo:
         return results
@@ -269,7 +284,10 @@ def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path)
         if not cfg.use_ray:
             embedder = ShardEmbedder(cfg, arch, str(out_dir))
             for shard in todo:
-                results.append(embedder.embed_shard(str(shard)))
+                try:
+                    results.append(embedder.embed_shard(str(shard)))
+                except PoolFormatError as exc:
+                    _shard_failed(cfg, out_dir, str(shard), str(exc))
                 bar.update(1)
         else:
             import ray
@@ -286,8 +304,9 @@ def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path)
                 row = dict(row)
                 error = row.pop("error")
                 if error:
-                    raise PoolFormatError(error)
-                results.append(row)
+                    _shard_failed(cfg, out_dir, row["shard"], error)
+                else:
+                    results.append(row)
                 bar.update(1)
     return results
 
@@ -297,6 +316,8 @@ def load_staged(out_dir: Path, shards: list[Path]) -> dict[str, np.ndarray]:
     """All shards' results, sorted by uid (the join index)."""
     parts = []
     for shard in shards:
+        if _failed_marker(out_dir, shard).is_file():
+            continue
         with np.load(out_dir / (shard.stem + ".npz")) as z:
             parts.append({k: z[k] for k in ("uid", "img", "txt", "decoded")})
     merged = {k: np.concatenate([p[k] for p in parts]) if parts else None for k in ("uid", "img", "txt", "decoded")}
@@ -385,6 +406,14 @@ def score_pool(cfg: ScoreConfig) -> dict:
     results = embed_shards(cfg, arch, shards, out_dir)
     embed_s = time.perf_counter() - t_embed
     staged = load_staged(out_dir, shards)
+    failed = []
+    for shard in shards:
+        if _failed_marker(out_dir, shard).is_file():
+            try:
+                expected = int(pool.shard_stats(shard)["successes"])
+            except (PoolFormatError, ValueError, KeyError, TypeError):
+                expected = None  # no readable _stats.json either
+            failed.append({**json.loads(_failed_marker(out_dir, shard).read_text()), "expected_samples": expected})
     counts = {"rows": 0, "scored": 0, "missing_from_shards": 0, "image_decode_failed": 0}
     for parquet in tqdm(metadata_files, desc="writing scores", unit="file", file=sys.stderr):
         for k, v in write_scores(parquet, arch, staged).items():
@@ -399,6 +428,8 @@ def score_pool(cfg: ScoreConfig) -> dict:
         **counts, "shard_samples": int(len(staged["uid"])),
         "shard_samples_not_in_metadata": int((~in_metadata).sum()),
         "shards": len(shards), "shards_embedded_this_run": len(results),
+        # left out with --on-bad-shard skip; their rows are among missing_from_shards
+        "input_shards_failed": failed,
         "embed_s": round(embed_s, 3), "total_s": round(time.perf_counter() - start, 3),
         "timing_per_shard": {k: round(sum(r[k] for r in results), 3)
                              for k in ("read_s", "decode_s", "decode_wait_s", "model_s", "total_s")} if results else {},
@@ -413,10 +444,13 @@ def score_pool(cfg: ScoreConfig) -> dict:
 
 
 def describe(summary: dict) -> str:
-    return (f"{summary['score_column']}: {summary['scored']} of {summary['rows']} rows scored; "
+    text = (f"{summary['score_column']}: {summary['scored']} of {summary['rows']} rows scored; "
             f"{summary['missing_from_shards']} rows have no image in the shards and "
             f"{summary['image_decode_failed']} images did not decode (score NaN, embeddings zero); "
             f"{summary['shard_samples_not_in_metadata']} shard samples are not in the metadata")
+    for f in summary.get("input_shards_failed", []):
+        text += f"\nskipped shard {f['shard']} ({f['expected_samples']} samples): {f['reason']}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -448,6 +482,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch threads per actor (default %(default)s)")
     parser.add_argument("--decode-threads", type=int, default=2,
                         help="image decode threads per actor (default %(default)s)")
+    parser.add_argument("--on-bad-shard", choices=["fail", "skip"], default="fail",
+                        help="a shard that is not a readable tar stops the job naming it (fail, default), or is "
+                             "left out (its rows get no score, as images that failed to download) and listed in "
+                             "score_<arch>.json's input_shards_failed (skip)")
     parser.add_argument("--no-ray", action="store_true", help="run in this process, shard after shard")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute even if the pool is already scored with this model")
@@ -456,7 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = ScoreConfig(pool=args.pool, model=args.model, pretrained=args.pretrained, arch=args.arch,
                           batch_size=args.batch_size, num_actors=args.num_actors, num_gpus=args.num_gpus,
                           cpus_per_actor=args.cpus_per_actor, decode_threads=args.decode_threads,
-                          use_ray=not args.no_ray, overwrite=args.overwrite)
+                          use_ray=not args.no_ray, overwrite=args.overwrite,
+                          skip_bad_shards=args.on_bad_shard == "skip")
     except ValueError as exc:
         parser.error(str(exc))
     try:

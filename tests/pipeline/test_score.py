@@ -203,3 +203,37 @@ def test_an_unreadable_shard_is_named_in_one_line(pool, checkpoints, use_ray):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {bad}: not a readable tar"), last
     assert not any(Pool.npz_for(p).exists() for p in Pool(root).metadata_files())  # nothing half-written
+
+
+def test_on_bad_shard_skip_scores_the_rest_and_lists_the_shard(pool, checkpoints, tmp_path):
+    root, _ = pool
+    reference = tmp_path / "reference"
+    shutil.copytree(root, reference)
+    bad = Pool(root).shard_files()[0]
+    in_bad = {json.loads(f["json"])["uid"] for f in _tar_members(bad)}
+    bad.write_bytes(np.random.default_rng(0).bytes(3000))  # not a tar
+    args = ["--model", str(checkpoints["b32"]), "--no-ray", "--batch-size", "64", "--cpus-per-actor", "1"]
+    summary = main(["--pool", str(root), "--on-bad-shard", "skip", *args])
+    main(["--pool", str(reference), *args])
+    expected = json.loads(Pool(root).shard_files()[0].with_name("00000000_stats.json").read_text())["successes"]
+    assert [(f["shard"], f["expected_samples"]) for f in summary["input_shards_failed"]] == [("00000000.tar", expected)]
+    assert "not a readable tar" in summary["input_shards_failed"][0]["reason"]
+    table, img, _ = _columns(root, "b32")
+    ref_table, ref_img, _ = _columns(reference, "b32")
+    uids = np.array(table.column("uid").to_pylist())
+    scores = table.column(SCORE_COLUMNS["b32"]).to_numpy(zero_copy_only=False)
+    ref_scores = ref_table.column(SCORE_COLUMNS["b32"]).to_numpy(zero_copy_only=False)
+    lost = np.isin(uids, list(in_bad))
+    assert lost.sum() == expected and np.isnan(scores[lost]).all() and not img[lost].any()
+    np.testing.assert_array_equal(scores[~lost], ref_scores[~lost])  # nothing else changed
+    assert summary["rows"] == summary["scored"] + summary["missing_from_shards"] + summary["image_decode_failed"]
+    assert summary["missing_from_shards"] >= expected
+
+
+def _tar_members(path):
+    samples = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return list(samples.values())
