@@ -2,7 +2,9 @@
 
 ``uid_hi``/``uid_lo`` are DataComp's ``u8,u8`` uid records (what a subset file holds), ``file``
 and ``row`` say where the row is in the pool, and the CLIP score columns are copied from the
-metadata with nulls as NaN (as pandas reads them; the rules then see NaN as missing).
+metadata with nulls and infinities as NaN (as pandas reads nulls; the rules then see NaN as
+missing). A cosine similarity is never infinite: an infinite score is a broken row, and in
+DataComp it would pass every threshold (and top the ranking); here it never passes.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from pools.uids import uids_to_records
 
 
 def nan_for_null(scores: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A score column as NumPy, nulls as NaN, float32 unless it was float64.
+    """A score column as NumPy, nulls and infinities as NaN, float32 unless it was float64.
 
     (Not ``pc.fill_null(col, nan)``: making a NaN scalar makes pyarrow import pandas.)
     """
     dtype = np.float64 if pa.types.is_float64(scores.type) else np.float32
     if pa.types.is_null(scores.type):
         return np.full(len(scores), np.nan, dtype=dtype)
-    return np.asarray(to_numpy(scores), dtype=dtype)
+    values = np.asarray(to_numpy(scores), dtype=dtype)
+    infinite = np.isinf(values)
+    if infinite.any():
+        values = np.where(infinite, np.nan, values).astype(dtype)
+    return values
 
 
 def row_signals(uid, file_name: str, clip_b32_similarity_score=None, clip_l14_similarity_score=None) -> dict:

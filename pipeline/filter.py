@@ -47,7 +47,7 @@ from pools.files import sha256_file, write_json_atomic
 from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
                           score_fix)
 from pools.scales import SCALES, get_scale
-from pools.uids import records_from_halves, uids_to_records, write_subset
+from pools.uids import records_from_halves, uid_keys, uids_to_records, write_subset
 
 from pipeline.strategies import (ALIASES, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, evaluate_steps,
                                  groups_needed, required_metadata, resolve_strategies, selection_values,
@@ -113,6 +113,7 @@ class FilterConfig:
     helpers: int | None = None  # local processes that work while Ray starts (default num_workers)
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
     skip_bad_files: bool = False
+    keep_first_duplicate: bool = False  # a uid in two rows: keep the first (True) or stop naming both
     all_requested: bool = False  # --strategy all: image strategies without inputs are skipped
     progress: bool = True
 
@@ -292,6 +293,7 @@ class TableSource:
     def __init__(self, files: Sequence[Path], read: Callable[[Path], pa.Table | None],
                  budget: int = CACHE_BUDGET_BYTES, threads: int = min(4, os.cpu_count() or 1)):
         self.files = list(files)
+        self.drop_rows: dict[Path, np.ndarray] = {}  # per file, rows every pass leaves out (repeated uids)
         self._read = read
         self._budget = budget
         self._threads = max(1, threads)
@@ -321,6 +323,16 @@ class TableSource:
                 yield p, future.result()
 
     def __iter__(self) -> Iterator[tuple[Path, pa.Table]]:
+        for path, table in self._tables_kept():
+            rows = self.drop_rows.get(path)
+            if rows is not None:
+                keep = np.ones(table.num_rows, dtype=bool)
+                keep[rows] = False
+                table = table.filter(from_numpy(keep))
+            yield path, table
+
+    def _tables_kept(self) -> Iterator[tuple[Path, pa.Table]]:
+        """Every file's table, from the cache when the whole pool fitted in it."""
         if self._complete:
             yield from self._cache
             return
@@ -360,13 +372,20 @@ class TableSource:
 
 def _metadata_table(table: pa.Table, columns: Sequence[str]) -> pa.Table:
     """The query's view of metadata columns: uid strings (parsed only for kept rows) and scores
-    with nulls as NaN."""
+    with nulls read as NaN (filters.arrays.to_numpy) and infinities made NaN, as the signals'
+    base group stores them (`filters.rows.nan_for_null`)."""
+    import pyarrow.compute as pc
+
+    from filters.rows import nan_for_null
+
     out = {"uid": table.column("uid")}
     for c in columns:
         if c in ("uid_hi", "uid_lo", "uid"):
             continue
         col = table.column(c)
-        out[c] = col  # nulls in score columns read as NaN (filters.arrays.to_numpy)
+        if pa.types.is_floating(col.type) and pc.any(pc.is_inf(col)).as_py():
+            col = pa.array(nan_for_null(col))
+        out[c] = col
     return pa.table(out)
 
 
@@ -410,6 +429,81 @@ def signals_reader(signals_dir: Path, columns: Sequence[str], skipped: dict[str,
             raise FilterError(f"{sig}: cannot read signals ({exc}); delete it to recompute") from exc
 
     return read
+
+
+# --- repeated uids ---------------------------------------------------------------------------
+@dataclass
+class RepeatedUids:
+    """Rows whose uid an earlier row (in file order, then row order) already has."""
+
+    rows: dict[Path, np.ndarray]  # per file, the repeating rows
+    example: str | None = None  # the first repeated uid and two places it is in
+
+    @property
+    def count(self) -> int:
+        return sum(len(r) for r in self.rows.values())
+
+
+def _row_keys(path: Path, table: pa.Table) -> np.ndarray:
+    """`pools.uids.uid_keys` of every row: from the signals' uid halves or the uid strings."""
+    if "uid_hi" in table.column_names:
+        hi, lo = to_numpy(table.column("uid_hi")), to_numpy(table.column("uid_lo"))
+        with np.errstate(over="ignore"):
+            return hi * np.uint64(0x9E3779B97F4A7C15) ^ lo * np.uint64(0xC2B2AE3D27D4EB4F)
+    try:
+        return uid_keys(table.column("uid"))
+    except ValueError as exc:
+        raise PoolFormatError(f"{path}: column 'uid': {exc}") from None
+
+
+def find_repeated_uids(source: TableSource) -> RepeatedUids:
+    """Every row that repeats an earlier row's uid, from the uid column the run reads anyway.
+
+    The first look is a sort of one 64-bit key per row (its first pass over `source` also
+    fills the cache the later passes read); only keys seen twice are confirmed on the exact
+    uid records, in a second look at the files that hold them.
+    """
+    keys, sizes = [], []
+    for path, table in source:
+        keys.append(_row_keys(path, table))
+        sizes.append((path, table.num_rows))
+    if not keys:
+        return RepeatedUids({})
+    keys = np.concatenate(keys)
+    ordered = np.sort(keys)
+    twice = ordered[1:] == ordered[:-1]
+    if not twice.any():
+        return RepeatedUids({})
+    candidates = np.flatnonzero(np.isin(keys, ordered[1:][twice]))  # pool positions, in pool order
+    starts = np.cumsum([0] + [n for _, n in sizes])
+    file_of = np.searchsorted(starts, candidates, side="right") - 1
+    wanted = {sizes[i][0]: candidates[file_of == i] - starts[i] for i in np.unique(file_of)}
+    records = {}
+    for path, table in source:
+        if path in wanted:
+            records[path] = _uid_records(table, wanted[path], [(path, table.num_rows)])
+    exact = np.concatenate([records[sizes[i][0]] for i in np.unique(file_of)])
+    order = np.lexsort((candidates, exact["f1"], exact["f0"]))  # equal uids together, first place first
+    same = exact[order][1:] == exact[order][:-1]
+    repeats = np.sort(candidates[order[1:][same]])
+    if not len(repeats):
+        return RepeatedUids({})  # only keys collided
+
+    def place(position: int) -> str:
+        i = int(np.searchsorted(starts, position, side="right")) - 1
+        return f"{sizes[i][0]} row {position - starts[i]}"
+
+    j = int(np.flatnonzero(same)[np.argmin(candidates[order[1:][same]])])  # the earliest repeat in the pool
+    again = int(candidates[order[j + 1]])
+    first = int(candidates[order[np.flatnonzero(~np.concatenate([[False], same[:j + 1]]))[-1]]])
+    from pools.uids import records_to_uids
+
+    uid = records_to_uids(exact[order][j:j + 1])[0]
+    rows = {}
+    owner = np.searchsorted(starts, repeats, side="right") - 1
+    for i in np.unique(owner):
+        rows[sizes[i][0]] = repeats[owner == i] - starts[i]
+    return RepeatedUids(rows, f"uid {uid} is in {place(first)} and in {place(again)}")
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -616,6 +710,18 @@ def _run(cfg: FilterConfig) -> dict:
         source = TableSource(files, signals_reader(cfg.signals, ["uid_hi", "uid_lo", *columns_read, *extra],
                                                    skipped_files))
     t = time.perf_counter()
+    repeated = find_repeated_uids(source)
+    timings["uid_check_s"] = time.perf_counter() - t
+    if repeated.count:
+        if not cfg.keep_first_duplicate:
+            raise FilterError(f"{repeated.example} ({repeated.count} rows repeat an earlier row's uid): a "
+                              "subset would hold such a sample twice. Remove the copies, or pass "
+                              "--on-duplicate-uid keep-first to keep each uid's first row")
+        source.drop_rows = repeated.rows
+        _log(cfg, f"{repeated.count} rows repeat an earlier row's uid (e.g. {repeated.example}): keeping "
+                  "each uid's first row (--on-duplicate-uid keep-first)")
+
+    t = time.perf_counter()
     thresholds, selections = resolve_thresholds(source, specs)
     if selections:
         timings["threshold_s"] = time.perf_counter() - t
@@ -650,6 +756,9 @@ def _run(cfg: FilterConfig) -> dict:
         for n in requested:
             kept[n].append(records[masks[n][rows]])
     files_read = len(files_seen)
+    rows_read += repeated.count
+    for funnel in funnels.values():
+        funnel.duplicate_uid = repeated.count
     timings["query_s"] = time.perf_counter() - t
 
     # A score column that is empty everywhere is a pool that was never scored, not a subset:
@@ -678,8 +787,9 @@ def _run(cfg: FilterConfig) -> dict:
     timings["total_s"] = time.perf_counter() - t_start
 
     entries = {n: _strategy_record(specs, n, selections) for n in requested}
+    scores_missing = {c: rows_read - repeated.count - n for c, n in score_values.items()}
     stats = _stats(cfg, requested, entries, funnels, rows_read, files_read, files, skipped_files, caption_counts,
-                   selections, skipped_strategies, outputs, embeddings_missing)
+                   selections, skipped_strategies, outputs, embeddings_missing, scores_missing, repeated)
     _merge_write(cfg.out / "stats.json", stats)
     manifest = _manifest(cfg, requested, entries, files, signal_summaries, keys, groups, models, image_inputs,
                          selections, outputs, timings, device)
@@ -711,7 +821,7 @@ def _strategy_record(specs: Mapping[str, StrategySpec], name: str, selections: M
 
 
 def _stats(cfg, names, entries, funnels, rows_read, files_read, files, skipped_files, caption_counts,
-           selections, skipped_strategies, outputs, embeddings_missing=None) -> dict:
+           selections, skipped_strategies, outputs, embeddings_missing, scores_missing, repeated) -> dict:
     strategies = {}
     for n in names:
         f = funnels[n].as_dict()
@@ -725,6 +835,10 @@ def _stats(cfg, names, entries, funnels, rows_read, files_read, files, skipped_f
         "files_skipped": [{"file": k, "reason": v} for k, v in sorted(skipped_files.items())],
         "rows_read": rows_read,
         "captions_unreadable": caption_counts,
+        # rows whose uid an earlier row has, left out of every strategy (--on-duplicate-uid keep-first)
+        "duplicate_uid": {"rows": repeated.count, "example": repeated.example},
+        # per score column read: rows with no usable score (null, NaN or infinite), which never pass
+        "scores_missing": scores_missing,
         # rows whose l14_img is all zeros (no image: never near a centroid); null when not read
         "image_embeddings_missing": embeddings_missing,
         "fraction_threshold": pool_selection,  # the first selection over the whole pool (clip's)
@@ -848,6 +962,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--on-bad-file", choices=["error", "skip"], default="error",
                    help="an unreadable or malformed metadata file stops the run (default) or is skipped "
                         "and listed in stats.json")
+    g.add_argument("--on-duplicate-uid", choices=["error", "keep-first"], default="error",
+                   help="a uid in two rows of the metadata stops the run naming both places (default), or "
+                        "only its first row (file order, then row order) is kept and the others are counted "
+                        "as duplicate_uid in stats.json (keep-first)")
     g.add_argument("--quiet", action="store_true", help="no progress messages")
     g = parser.add_argument_group("execution")
     g.add_argument("--ray-address", help="connect to this Ray cluster (default: start a local Ray)")
@@ -878,7 +996,8 @@ def config_from_args(args: argparse.Namespace) -> FilterConfig:
         targets_model=args.targets_model, targets_pretrained=args.targets_pretrained, lid_model=args.lid_model,
         morphy_repeat_rules=args.nltk_morphy == "3.8.1", executor=args.executor, ray_address=args.ray_address,
         num_workers=max(1, args.num_workers), helpers=args.helpers, device=args.device,
-        skip_bad_files=args.on_bad_file == "skip", all_requested="all" in args.strategy, progress=not args.quiet)
+        skip_bad_files=args.on_bad_file == "skip", keep_first_duplicate=args.on_duplicate_uid == "keep-first",
+        all_requested="all" in args.strategy, progress=not args.quiet)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -147,7 +147,7 @@ def unregister_signal(name: str) -> None:
 
 _S = SignalColumn
 register_signal(SignalGroup(
-    name="base", version=1, compute=row_signals, reads=("uid",), optional_reads=tuple(SCORE_COLUMNS.values()),
+    name="base", version=2, compute=row_signals, reads=("uid",), optional_reads=tuple(SCORE_COLUMNS.values()),
     wants_file_name=True, columns=(
         _S("uid_hi", "uint64", "upper 64 bits of the uid (DataComp's u8,u8 record)"),
         _S("uid_lo", "uint64", "lower 64 bits of the uid"),

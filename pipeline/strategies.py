@@ -388,21 +388,29 @@ class Funnel:
     """Sequential counts of one strategy: rows in, then per step the rows it drops, kept."""
 
     steps: tuple[str, ...]
-    rows: int = 0
+    rows: int = 0  # rows the rules saw
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    duplicate_uid: int = 0  # rows left out before the rules: a later copy of a uid (--on-duplicate-uid keep-first)
 
     def __post_init__(self) -> None:
         self.dropped = {s: 0 for s in self.steps}
 
     def as_dict(self) -> dict:
+        rows = self.rows + self.duplicate_uid
         steps, remaining = [], self.rows
+        if self.duplicate_uid:
+            steps.append({"rule": DUPLICATE_UID, "in": rows, "passed": self.rows, "dropped": self.duplicate_uid})
         for s in self.steps:
             steps.append({"rule": s, "in": remaining, "passed": remaining - self.dropped[s],
                           "dropped": self.dropped[s]})
             remaining -= self.dropped[s]
-        return {"rows": self.rows, "kept": self.kept, "funnel": steps,
-                "dropped": {s: self.dropped[s] for s in self.steps if self.dropped[s]}}
+        dropped = {DUPLICATE_UID: self.duplicate_uid} if self.duplicate_uid else {}
+        dropped.update({s: self.dropped[s] for s in self.steps if self.dropped[s]})
+        return {"rows": rows, "kept": self.kept, "funnel": steps, "dropped": dropped}
+
+
+DUPLICATE_UID = "duplicate_uid"  # the funnel's name for rows that repeat an earlier row's uid
 
 
 def first_failed(outcomes: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:

@@ -266,3 +266,80 @@ def test_out_or_signals_dir_that_is_a_file(pool, tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip() == f"error: {flag} {a_file} is a file, not a folder"
     assert a_file.read_text() == "mine"
+
+
+def _copy_file_as(pool, index, new_stem):
+    """A metadata file (and its npz) copied under another name: every uid of it twice in the pool."""
+    src = _files(pool)[index]
+    shutil.copy(src, src.with_name(f"{new_stem}.parquet"))
+    shutil.copy(src.with_suffix(".npz"), src.with_name(f"{new_stem}.npz"))
+    return src, src.with_name(f"{new_stem}.parquet")
+
+
+def _repeat_rows(path, rows_from, rows_to):
+    """Within one file, rows `rows_to` get the uids of `rows_from`."""
+    table = pq.read_table(path)
+    uids = table.column("uid").to_pylist()
+    for a, b in zip(rows_from, rows_to):
+        uids[b] = uids[a].upper()  # the same uid, upper case: the same u8,u8 record
+    pq.write_table(table.set_column(table.schema.get_field_index("uid"), "uid", pa.array(uids)), path)
+
+
+@pytest.mark.parametrize("strategy", ["no_filter", "clip", "basic"])
+def test_duplicate_uids_are_an_error_naming_both_places(pool, tmp_path, strategy):
+    first, copy = _copy_file_as(pool, 1, "zz_copy")
+    with pytest.raises(FilterError, match=rf"is in {first} row 0 and in {copy} row 0 \(200 rows repeat"):
+        _run(pool, tmp_path / "out", strategy)
+    assert not (tmp_path / "out" / f"{strategy}.npy").exists()
+
+
+@pytest.mark.parametrize("strategy", ["no_filter", "clip", "basic"])
+def test_keep_first_duplicate_gives_the_subset_of_the_pool_without_copies(base_pool, pool, tmp_path, strategy):
+    """Copies across files and within a file: the subset (and the clip threshold) equal the
+    pool's without them; the copies are counted as duplicate_uid in every funnel."""
+    _copy_file_as(pool, 1, "zz_copy")
+    _repeat_rows(_files(pool)[2], [0, 1, 2], [150, 160, 170])  # rows 150.. of file 2 lose their own uid
+    clean = tmp_path / "clean"
+    shutil.copytree(base_pool, clean)
+    _repeat_rows(_files(clean)[2], [0, 1, 2], [150, 160, 170])
+    table = pq.read_table(_files(clean)[2])
+    pq.write_table(table.filter(pa.array([i not in (150, 160, 170) for i in range(table.num_rows)])),
+                   _files(clean)[2])  # the reference: those rows are simply not there
+    with np.load(_files(clean)[2].with_suffix(".npz")) as z:
+        np.savez(_files(clean)[2].with_suffix(".npz"),
+                 **{k: np.delete(z[k], [150, 160, 170], axis=0) for k in z.files})
+    stats = _run(pool, tmp_path / "out", strategy, extra=("--on-duplicate-uid", "keep-first"))
+    want = _run(clean, tmp_path / "want", strategy)
+    assert np.array_equal(np.load(tmp_path / "out" / f"{strategy}.npy"), np.load(tmp_path / "want" / f"{strategy}.npy"))
+    entry = stats["strategies"][strategy]
+    assert stats["duplicate_uid"]["rows"] == 200 + 3
+    assert entry["rows"] == 600 + 200 == entry["kept"] + sum(entry["dropped"].values())
+    assert entry["dropped"]["duplicate_uid"] == 203
+    assert entry["funnel"][0] == {"rule": "duplicate_uid", "in": 800, "passed": 597, "dropped": 203}
+    assert entry["kept"] == want["strategies"][strategy]["kept"]
+    if strategy == "clip":
+        assert stats["fraction_threshold"]["rows"] == 597 == want["fraction_threshold"]["rows"]
+        assert stats["fraction_threshold"]["threshold"] == want["fraction_threshold"]["threshold"]
+
+
+def test_infinite_scores_never_pass_and_are_counted(pool, tmp_path):
+    path = _files(pool)[0]
+    table = pq.read_table(path)
+    col = "clip_l14_similarity_score"
+    scores = table.column(col).to_numpy(zero_copy_only=False).astype(np.float32)
+    uids = table.column("uid").to_pylist()
+    scores[[3, 4]] = [np.inf, -np.inf]
+    pq.write_table(table.set_column(table.schema.get_field_index(col), col, pa.array(scores)), path)
+    from pools.uids import records_to_uids
+
+    for strategy, extra in (("clip", ()), ("clip", ("--threshold", "-1"))):
+        out = tmp_path / f"out_{strategy}_{len(extra)}"
+        stats = _run(pool, out, strategy, "laion", extra=extra)  # laion makes the signals path run
+        kept = set(records_to_uids(np.load(out / f"{strategy}.npy")))
+        assert uids[3] not in kept and uids[4] not in kept
+        assert stats["scores_missing"][col] >= 2
+    # the metadata-only path (clip alone reads no signals) too
+    stats = _run(pool, tmp_path / "only_clip", "clip", extra=("--threshold", "-1"))
+    kept = set(records_to_uids(np.load(tmp_path / "only_clip" / "clip.npy")))
+    assert uids[3] not in kept and uids[4] not in kept
+    assert stats["scores_missing"] == {col: 2 + int(np.isnan(scores).sum()) + table.column(col).null_count}

@@ -90,3 +90,18 @@ def test_sort_records_equals_numpy_sort():
     recs = np.concatenate([recs, recs[:100]])  # duplicates (upsampling) stay
     assert sort_records(recs).tobytes() == np.sort(recs).tobytes()
     assert len(sort_records(recs[:1])) == 1 and len(sort_records(recs[:0])) == 0
+
+
+def test_uid_keys_are_equal_exactly_where_the_records_are():
+    import pyarrow as pa
+
+    from pools.uids import uid_keys
+
+    rng = np.random.default_rng(5)
+    uids = [rng.bytes(16).hex() for _ in range(2000)]
+    same = ["ab" * 16, "AB" * 16, "0" * 29 + "abc", "abc"]
+    keys = uid_keys(pa.chunked_array([pa.array(["x"] + uids).slice(1), pa.array(same)]))
+    assert len(np.unique(keys[:2000])) == 2000
+    assert keys[2000] == keys[2001] and keys[2002] == keys[2003] and keys[2000] != keys[2002]
+    with pytest.raises(ValueError, match="row 1 is null"):
+        uid_keys(pa.array(["ab" * 16, None]))
