@@ -32,7 +32,7 @@ import numpy as np
 from filters.expressions import all_pass, rule_columns, signal_frame
 from filters.image_based import missing_embedding_mask
 from pools.files import atomic_path, write_json_atomic
-from pools.format import load_npz
+from pools.format import PoolFormatError, load_npz
 from pools.scales import SCALES, get_scale
 
 from pipeline.filter import (FilterError, default_centroids, default_data_root, default_pool,
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    from pools.cli import one_line_errors
+
+    with one_line_errors(None, FilterError, PoolFormatError, OSError):
         main()
-    except FilterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)

@@ -1017,17 +1017,14 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.models import ModelInputError
     from pipeline.signals import SignalsError
 
-    try:
+    from pools.cli import one_line_errors
+
+    # (OSError: a folder that cannot be written, a full disk; its message names the path)
+    with one_line_errors(argv, FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError, OSError):
         for flag, folder in (("--out", cfg.out), ("--signals-dir", cfg.signals)):
             if folder.exists() and not folder.is_dir():
                 raise FilterError(f"{flag} {folder} is a file, not a folder")
         return run(cfg)
-    except (FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError, OSError) as exc:
-        # (OSError: a folder that cannot be written, a full disk; its message names the path)
-        if argv is not None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -789,13 +789,10 @@ def main(argv: list[str] | None = None) -> Path:
     from pools.format import PoolFormatError
     from trainer.compare import CompareError
 
-    try:
+    from pools.cli import one_line_errors
+
+    with one_line_errors(argv, ReportError, CompareError, PoolFormatError):
         out = build_report(cfg)
-    except (ReportError, CompareError, PoolFormatError) as exc:
-        if argv is not None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
     print(f"report: {out} ({out.stat().st_size / 1024:.0f} KiB)")
     return out
 

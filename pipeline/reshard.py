@@ -50,6 +50,7 @@ from typing import Iterator, Mapping
 import numpy as np
 from tqdm import tqdm
 
+from pools.cli import one_line_errors
 from pools.files import atomic_path, file_fingerprint, write_json_atomic
 from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool, PoolFormatError
 from pools.tars import MEMBERS_SKIPPED, iter_samples
@@ -650,13 +651,8 @@ def main(argv: list[str] | None = None) -> dict:
                             on_duplicate_uid=args.on_duplicate_uid)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
+    with one_line_errors(argv, ReshardError, PoolFormatError, OSError):  # inputs and outputs; anything else is a bug
         meta = reshard(cfg)
-    except (ReshardError, PoolFormatError, OSError) as exc:  # inputs and outputs; anything else is a bug: traceback
-        if argv is not None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(describe(meta))
     return meta
 

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pools.cli import one_line_errors
 from pools.files import atomic_path, file_fingerprint, write_json_atomic
 from pools.format import NPZ_DTYPE, NPZ_KEYS, SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
 from pools.uids import UID_DTYPE, uids_to_records
@@ -498,13 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
                           skip_bad_shards=args.on_bad_shard == "skip")
     except ValueError as exc:
         parser.error(str(exc))
-    try:
+    with one_line_errors(argv, PoolFormatError, OSError):  # inputs and outputs; anything else is a bug
         summary = score_pool(cfg)
-    except (PoolFormatError, OSError) as exc:  # inputs and outputs; anything else is a bug: traceback
-        if argv is not None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(describe(summary))
     return summary
 

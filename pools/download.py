@@ -275,8 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.metadata_dir is None and args.scale is None and args.repo_id is None:
         parser.error("give --scale (or --repo-id), or --metadata-dir for your own parquets")
-    summary = run(args)
-    return summary
+    from pools.cli import one_line_errors
+
+    with one_line_errors(argv, HubError, OSError):  # no network, a bad mirror, a folder that cannot be written
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -685,13 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Comparison:
     args = build_parser().parse_args(argv)
-    try:
+    from pools.cli import one_line_errors
+
+    with one_line_errors(argv, CompareError):
         c = compare_runs(args.runs, args.out)
-    except CompareError as exc:
-        if argv is not None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
     print(markdown_table(c), end="")
     print(f"\nwrote {', '.join(Path(f).name for f in c.files.values())} to {args.out}", file=sys.stderr)
     return c

@@ -386,3 +386,20 @@ def test_members_with_crafted_names_are_skipped_and_counted(small_pool, subset, 
     assert meta["output_count"] == ref["output_count"]
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["out"]
     _accounted(meta)
+
+
+def test_datacomp_debug_shows_the_traceback(small_pool, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = tmp_path / "wrong_dtype.npy"
+    np.save(bad, np.arange(10, dtype=np.int64))
+    args = [sys.executable, "-m", "pipeline.reshard", "--pool", str(small_pool), "--subset", str(bad),
+            "--out", str(tmp_path / "out"), "--no-ray"]
+    cwd = Path(__file__).resolve().parents[2]
+    quiet = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    _one_line_error(quiet, str(bad), "dtype is int64")
+    loud = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env={**os.environ, "DATACOMP_DEBUG": "1"})
+    assert loud.returncode == 1 and "Traceback" in loud.stderr and "ReshardError" in loud.stderr
