@@ -80,26 +80,16 @@ def new_claims_root(signals_dir: Path) -> Path:
     """A claims folder for this run, named by this process and machine
     (``.claims-<id>-<pid>@<host>``), after removing the ones that runs killed on this machine
     left behind (their process is gone; folders of other machines sharing the disk are theirs)."""
-    import socket
     import uuid
 
-    host = socket.gethostname()
+    from pools.files import owner_is_dead, owner_tag
+
     for old in Path(signals_dir).glob(".claims-*"):
         name, _, old_host = old.name.rpartition("@")
         pid = name.rsplit("-", 1)[-1]
-        if old_host == host and pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and owner_is_dead(int(pid), old_host):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(signals_dir) / f".claims-{uuid.uuid4().hex[:12]}-{os.getpid()}@{host}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    return Path(signals_dir) / f".claims-{uuid.uuid4().hex[:12]}-{owner_tag()}"
 
 
 _TASK_WORKER: SignalsWorker | None = None

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from filters.arrays import from_numpy, to_numpy
 from filters.clip_score import DescendingRankSelector, threshold_rank
-from pools.files import sha256_file, write_json_atomic
+from pools.files import remove_stale_temporaries, sha256_file, write_json_atomic
 from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
                           score_fix)
 from pools.scales import SCALES, get_scale
@@ -651,6 +651,8 @@ def _run(cfg: FilterConfig) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     files = pool_files(cfg.pool, cfg.scale)
+    for folder in (cfg.out, cfg.signals):  # what a killed run was writing
+        remove_stale_temporaries(folder)
     overrides = cfg.spec_overrides()
     requested_specs = resolve_strategies(cfg.strategies, overrides)
     specs = with_members(requested_specs, overrides)  # what is evaluated: requested + intersected

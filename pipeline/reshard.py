@@ -51,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pools.cli import one_line_errors
-from pools.files import atomic_path, file_fingerprint, write_json_atomic
+from pools.files import atomic_path, file_fingerprint, remove_stale_temporaries, write_json_atomic
 from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool, PoolFormatError
 from pools.tars import MEMBERS_SKIPPED, iter_samples
 from pools.uids import UID_DTYPE, UID_HEX_CHARS, check_sorted, count_unique_sorted, read_subset
@@ -517,6 +517,8 @@ def reshard(cfg: ReshardConfig) -> dict:
         print(f"warning: {cfg.input_dir / name} has no readable _stats.json; skipped (unfinished "
               "download?)", file=sys.stderr)
     signature = _plan_signature(cfg, shards)
+    for folder in (cfg.output_dir, cfg.output_dir / PARTS_DIR):  # what a killed run was writing
+        remove_stale_temporaries(folder)
     state = _prepare_output(cfg, signature)
     if state == "done":
         meta = json.loads((cfg.output_dir / META_FILE).read_text())

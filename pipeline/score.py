@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pools.cli import one_line_errors
-from pools.files import atomic_path, file_fingerprint, write_json_atomic
+from pools.files import atomic_path, file_fingerprint, remove_stale_temporaries, write_json_atomic
 from pools.format import NPZ_DTYPE, NPZ_KEYS, SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
 from pools.uids import UID_DTYPE, uids_to_records
 
@@ -388,6 +388,8 @@ def score_pool(cfg: ScoreConfig) -> dict:
     arch = resolve_arch(embed_width(probe), cfg.arch, cfg.model)
     del probe
     summary_path = pool.root / f"score_{arch}.json"
+    for folder in (pool.root, pool.metadata_dir, pool.root / STAGING_DIR / arch):  # what a killed run was writing
+        remove_stale_temporaries(folder)
     signature = {**desc, "arch": arch, "shards": [[s.name, s.stat().st_size] for s in shards]}
     if summary_path.is_file() and not cfg.overwrite:
         previous = json.loads(summary_path.read_text())

@@ -2,7 +2,9 @@
 
 Every output in this project is written under a temporary name in the destination folder
 and renamed into place, so a killed job never leaves a half-written file that a rerun
-would mistake for finished work.
+would mistake for finished work. The temporary name says which process on which machine
+writes it (``.<name>.tmp-<pid>@<host>-<random><suffixes>``), so the next run can remove what a
+killed one left (`remove_stale_temporaries`) without touching a live run's files.
 """
 
 from __future__ import annotations
@@ -11,9 +13,47 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+_TEMPORARY = re.compile(r"^\..+\.tmp-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{8}(\..*)?$")
+
+
+def owner_tag() -> str:
+    """``<pid>@<host>``: who writes a temporary file or a claims folder."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def owner_is_dead(pid: int, host: str) -> bool:
+    """Did the process that wrote a file end? Only this machine's processes can be asked:
+    another machine's (sharing the disk) count as alive."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's live process
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files in `folder` whose writer on this machine is gone (a killed
+    run's); returns how many."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(".*.tmp-*"):
+        m = _TEMPORARY.match(p.name)
+        if m and p.is_file() and owner_is_dead(int(m["pid"]), m["host"]):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -21,7 +61,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it to `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{''.join(path.suffixes)}")
+    tmp = path.with_name(f".{path.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}{''.join(path.suffixes)}")
     try:
         yield tmp
         os.replace(tmp, path)
