@@ -191,20 +191,17 @@ def score_pool(cfg: DemoConfig, teacher: Path, arch: str) -> dict:
 def start_ray(cfg: DemoConfig) -> None:
     """One local Ray for all the pipeline stages, which use a running Ray rather than start their own."""
     if cfg.use_ray:
-        import ray
+        from pipeline.cluster import join_ray
 
-        if not ray.is_initialized():
-            _log("starting Ray")
-            ray.init(num_cpus=cfg.ray_cpus, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+        _log("starting Ray")
+        join_ray(num_cpus=cfg.ray_cpus)
 
 
 def shutdown_ray() -> None:
     """Training forks data-loader workers; a live Ray in this process must not be forked."""
-    import ray
+    from pipeline.cluster import leave_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    leave_ray()
 
 
 def run_demo(cfg: DemoConfig) -> dict:

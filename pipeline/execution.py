@@ -225,21 +225,6 @@ class _Helpers:
             log.close()
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a HOST:PORT nobody listens at (Ray itself retries for minutes)."""
-    import socket
-
-    target = address.split("://", 1)[-1]
-    if target == "auto" or ":" not in target:
-        return
-    host, _, port = target.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except (OSError, ValueError) as exc:
-        raise ConnectionError(f"nothing answers at {target}: {exc}") from exc
-
-
 class _RayRunner(threading.Thread):
     """Ray's whole life in one thread: start (or connect), run the Ray Data job over the files
     that are still unclaimed, shut down. The main thread only collects results, so it can move
@@ -270,24 +255,15 @@ class _RayRunner(threading.Thread):
     def run(self) -> None:
         import ray
 
+        from pipeline.cluster import join_ray
+
         started_here = False
         try:
             if not ray.is_initialized():
-                kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-                try:
-                    if self.executor.ray_address:
-                        _check_reachable(self.executor.ray_address)
-                        ray.init(address=self.executor.ray_address, **kwargs)
-                    else:
-                        # No idle workers started in advance: the job starts its own, and the
-                        # helpers already use the CPUs while Ray comes up.
-                        ray.init(num_cpus=self.executor.num_workers,
-                                 _system_config={"prestart_worker_first_driver": False}, **kwargs)
-                except Exception as exc:
-                    where = f"the Ray cluster at {self.executor.ray_address}" if self.executor.ray_address else "a local Ray"
-                    raise SignalsError(f"cannot start or reach {where} ({exc}); check --ray-address (`auto` "
-                                       "finds a cluster started on this machine with `ray start --head`), or "
-                                       "run with --executor local") from exc
+                # A local Ray: no idle workers started in advance; the job starts its own, and
+                # the helpers already use the CPUs while Ray comes up.
+                join_ray(self.executor.ray_address, num_cpus=self.executor.num_workers,
+                         system_config={"prestart_worker_first_driver": False})
                 started_here = True
             remaining = self._remaining()
             self.submitted = len(remaining)

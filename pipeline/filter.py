@@ -1016,13 +1016,15 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    from pipeline.cluster import RayStartError
     from pipeline.models import ModelInputError
     from pipeline.signals import SignalsError
 
     from pools.cli import one_line_errors
 
     # (OSError: a folder that cannot be written, a full disk; its message names the path)
-    with one_line_errors(argv, FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError, OSError):
+    with one_line_errors(argv, FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError, RayStartError,
+                         OSError):
         for flag, folder in (("--out", cfg.out), ("--signals-dir", cfg.signals)):
             if folder.exists() and not folder.is_dir():
                 raise FilterError(f"{flag} {folder} is a file, not a folder")

@@ -89,6 +89,7 @@ class ReshardConfig:
     output_shard_stats_format: str = SHARD_STATS_FORMAT
     overwrite: bool = False
     use_ray: bool = True  # False: run tasks one after another in this process
+    ray_address: str | None = None  # a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray of our own)
     on_bad_shard: str = "fail"  # "skip": leave an unreadable or truncated shard out, listed in meta.json
     on_duplicate_uid: str = "error"  # "keep-first": write the first sample of a uid found twice
 
@@ -419,9 +420,9 @@ def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int,
         else:
             import ray
 
-            if not ray.is_initialized():
-                ray.init(num_cpus=cfg.num_workers, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+            from pipeline.cluster import join_ray
+
+            join_ray(cfg.ray_address, num_cpus=cfg.num_workers)
             remote = ray.remote(num_cpus=1, max_retries=1)(reshard_task)
             pending = {remote.remote(*args(t)): t for t in todo}
             while pending:
@@ -638,6 +639,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a subset uid found in two samples of the shards stops the job naming both (error, "
                              "default), or only the first in input order is written and the others counted as "
                              "dropped_duplicate_uid (keep-first)")
+    parser.add_argument("--ray-address", help="a running Ray cluster to join (default: $RAY_ADDRESS, else a local "
+                                              "Ray of this command's own); the shards and --out must be on a disk "
+                                              "every node sees")
     parser.add_argument("--no-ray", action="store_true", help="run in this process, one task after another")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the output folder's contents first (default: resume or refuse)")
@@ -649,11 +653,14 @@ def main(argv: list[str] | None = None) -> dict:
                             shard_stats_format=args.shard_stats_format,
                             output_shard_format=args.output_shard_format,
                             output_shard_stats_format=args.output_shard_stats_format,
-                            overwrite=args.overwrite, use_ray=not args.no_ray, on_bad_shard=args.on_bad_shard,
+                            overwrite=args.overwrite, use_ray=not args.no_ray, ray_address=args.ray_address,
+                            on_bad_shard=args.on_bad_shard,
                             on_duplicate_uid=args.on_duplicate_uid)
     except ValueError as exc:
         parser.error(str(exc))
-    with one_line_errors(argv, ReshardError, PoolFormatError, OSError):  # inputs and outputs; anything else is a bug
+    from pipeline.cluster import RayStartError
+
+    with one_line_errors(argv, ReshardError, PoolFormatError, RayStartError, OSError):  # inputs and outputs; anything else is a bug
         meta = reshard(cfg)
     print(describe(meta))
     return meta

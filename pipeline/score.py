@@ -71,6 +71,7 @@ class ScoreConfig:
     decode_threads: int = 2
     use_ray: bool = True
     overwrite: bool = False
+    ray_address: str | None = None  # a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray of our own)
     skip_bad_shards: bool = False  # a shard that is not a readable tar is left out and listed, not fatal
 
     def __post_init__(self) -> None:
@@ -293,8 +294,9 @@ def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path)
         else:
             import ray
 
-            if not ray.is_initialized():
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            from pipeline.cluster import join_ray
+
+            join_ray(cfg.ray_address)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             ds = ray.data.from_items([{"shard": str(s)} for s in todo], override_num_blocks=len(todo))
@@ -489,6 +491,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a shard that is not a readable tar stops the job naming it (fail, default), or is "
                              "left out (its rows get no score, as images that failed to download) and listed in "
                              "score_<arch>.json's input_shards_failed (skip)")
+    parser.add_argument("--ray-address", help="a running Ray cluster to join (default: $RAY_ADDRESS, else a local "
+                                              "Ray of this command's own); the pool must be on a disk every node sees")
     parser.add_argument("--no-ray", action="store_true", help="run in this process, shard after shard")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute even if the pool is already scored with this model")
@@ -497,11 +501,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = ScoreConfig(pool=args.pool, model=args.model, pretrained=args.pretrained, arch=args.arch,
                           batch_size=args.batch_size, num_actors=args.num_actors, num_gpus=args.num_gpus,
                           cpus_per_actor=args.cpus_per_actor, decode_threads=args.decode_threads,
-                          use_ray=not args.no_ray, overwrite=args.overwrite,
+                          use_ray=not args.no_ray, ray_address=args.ray_address, overwrite=args.overwrite,
                           skip_bad_shards=args.on_bad_shard == "skip")
     except ValueError as exc:
         parser.error(str(exc))
-    with one_line_errors(argv, PoolFormatError, OSError):  # inputs and outputs; anything else is a bug
+    from pipeline.cluster import RayStartError
+
+    with one_line_errors(argv, PoolFormatError, RayStartError, OSError):  # inputs and outputs; anything else is a bug
         summary = score_pool(cfg)
     print(describe(summary))
     return summary

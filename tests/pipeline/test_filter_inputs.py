@@ -186,9 +186,9 @@ def test_cli_exit_code_and_message(pool, tmp_path, executor):
 
 
 def test_unreachable_ray_address_is_a_clear_error(pool, tmp_path):
-    from pipeline.signals import SignalsError
+    from pipeline.cluster import RayStartError
 
-    with pytest.raises(SignalsError, match=r"cannot start or reach the Ray cluster at 127\.0\.0\.1:1"):
+    with pytest.raises(RayStartError, match=r"no Ray cluster answers at 127\.0\.0\.1:1"):
         _run(pool, tmp_path / "out", "basic", extra=("--executor", "ray", "--ray-address", "127.0.0.1:1"))
 
 
