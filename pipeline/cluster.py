@@ -63,6 +63,21 @@ def join_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     return True
 
 
+def current_node() -> str:
+    """Where this code runs: the Ray node id inside a Ray worker, else ``local:<host>``.
+    Recorded per unit of work in the manifests, so a run says which nodes did it."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    import socket
+
+    return f"local:{socket.gethostname()}"
+
+
 def leave_ray() -> None:
     """Shut down a Ray this process started or joined (nothing when it has none)."""
     import ray

@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.cluster import current_node
 from pipeline.signals import SignalsError, SignalsSpec, SignalsWorker
 from pools.format import PoolFormatError
 
@@ -113,7 +114,7 @@ def _process_batch(batch: dict, spec: SignalsSpec, claims: str) -> dict:
             out.append({"file": Path(parquet).name, "status": "claimed"})
             continue
         try:
-            out.append({**_TASK_WORKER.process(Path(parquet), Path(signals)), "by": "ray"})
+            out.append({**_TASK_WORKER.process(Path(parquet), Path(signals)), "by": "ray", "node": current_node()})
         except PoolFormatError as exc:
             # Returned, not raised: Ray Data would bury the line that names the file in its own
             # traceback of the task.

@@ -883,7 +883,8 @@ def _manifest(cfg, names, entries, files, signal_summaries, keys, groups, models
                     "files_skipped": sum(s["status"] == "skipped" for s in signal_summaries),
                     "computed_by": dict(sorted(Counter(s.get("by", "?") for s in signal_summaries
                                                        if s["status"] == "computed").items())),
-                    "cpu_seconds": round(sum(s.get("cpu_seconds", 0.0) for s in signal_summaries), 3)},
+                    "cpu_seconds": round(sum(s.get("cpu_seconds", 0.0) for s in signal_summaries), 3),
+                    "ray_nodes": sorted({s["node"] for s in signal_summaries if "node" in s})},
         "models": described,
         "strategies": {n: {**entries[n], "output": outputs[n]} for n in names},
         "device": device or "cpu",

@@ -277,7 +277,9 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int, o
         except _BadShard as bad:
             failed.append({"shard": Path(bad.shard.path).name, "path": bad.shard.path,
                            "expected_samples": bad.shard.size, "reason": bad.reason})
-    result = {"task_id": task.task_id, **result, "input_shards_failed": failed,
+    from pipeline.cluster import current_node
+
+    result = {"task_id": task.task_id, **result, "node": current_node(), "input_shards_failed": failed,
               "skip_samples": sorted(skip_samples)}
     folder = Path(part_dir)
     with atomic_path(folder.with_suffix(".found.npy")) as tmp:
@@ -569,7 +571,8 @@ def reshard(cfg: ReshardConfig) -> dict:
         "input_shards_failed": failed, "input_samples_failed": sum(f["expected_samples"] for f in failed),
         "expected_input_samples": total, "input_bytes": counts["input_bytes"],
         "output_bytes": counts["output_bytes"], "tasks": len(tasks),
-        "warnings": warnings, "elapsed_s": round(time.perf_counter() - start, 3),
+        "warnings": warnings, "nodes": sorted({r["node"] for r in results}),
+        "elapsed_s": round(time.perf_counter() - start, 3),
         "cwd": str(Path.cwd()), "plan_signature": signature,
     }
     write_json_atomic(cfg.output_dir / META_FILE, meta)

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.cluster import current_node
 from pools.cli import one_line_errors
 from pools.files import atomic_path, file_fingerprint, remove_stale_temporaries, write_json_atomic
 from pools.format import NPZ_DTYPE, NPZ_KEYS, SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
@@ -56,6 +57,7 @@ from pools.uids import UID_DTYPE, uids_to_records
 
 ARCH_WIDTH = {"b32": NPZ_KEYS["b32_img"], "l14": NPZ_KEYS["l14_img"]}
 STAGING_DIR = ".scoring"
+ACTORS_START_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,7 +199,7 @@ class ShardEmbedder:
             except PoolFormatError as exc:
                 # Returned, not raised: Ray Data would bury the line that names the shard in
                 # its own traceback of the task.
-                results.append({**NO_SHARD_RESULT, "shard": str(p), "error": str(exc)})
+                results.append({**NO_SHARD_RESULT, "shard": str(p), "node": current_node(), "error": str(exc)})
         return {k: [r[k] for r in results] for k in results[0]}
 
     def _encode(self, images, texts):
@@ -248,7 +250,7 @@ class ShardEmbedder:
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, uid=uids, img=img_emb, txt=txt_emb, decoded=decoded_ok)
-        return {"shard": shard, "samples": n, "decode_failed": int(n - decoded_ok.sum()),
+        return {"shard": shard, "node": current_node(), "samples": n, "decode_failed": int(n - decoded_ok.sum()),
                 "read_s": read_s, "decode_s": decode_cpu_s, "decode_wait_s": decode_s, "model_s": model_s,
                 "total_s": time.perf_counter() - t0}
 
@@ -299,18 +301,29 @@ def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path)
             join_ray(cfg.ray_address)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
+            # Every model replica is up before shards are handed out, one at a time: the first
+            # actor to load its model would otherwise take them all (a shard is minutes of work).
+            ctx.wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
+            actors = min(cfg.num_actors, len(todo))
             ds = ray.data.from_items([{"shard": str(s)} for s in todo], override_num_blocks=len(todo))
             ds = ds.map_batches(ShardEmbedder, fn_constructor_args=(cfg, arch, str(out_dir)), batch_size=1,
-                                compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(todo))),
+                                compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
                                 num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus or None)
-            for row in ds.iter_rows():
-                row = dict(row)
-                error = row.pop("error")
-                if error:
-                    _shard_failed(cfg, out_dir, row["shard"], error)
-                else:
-                    results.append(row)
-                bar.update(1)
+            try:
+                for row in ds.iter_rows():
+                    row = dict(row)
+                    error = row.pop("error")
+                    if error:
+                        _shard_failed(cfg, out_dir, row["shard"], error)
+                    else:
+                        results.append(row)
+                    bar.update(1)
+            except ray.exceptions.GetTimeoutError:
+                from pipeline.cluster import RayStartError
+
+                raise RayStartError(f"Ray could not start {actors} model actors ({cfg.cpus_per_actor} CPUs and "
+                                    f"{cfg.num_gpus} GPUs each) within {ACTORS_START_TIMEOUT_S} s: lower "
+                                    "--num-actors, --cpus-per-actor or --num-gpus, or add nodes") from None
     return results
 
 
@@ -433,6 +446,7 @@ def score_pool(cfg: ScoreConfig) -> dict:
         **counts, "shard_samples": int(len(staged["uid"])),
         "shard_samples_not_in_metadata": int((~in_metadata).sum()),
         "shards": len(shards), "shards_embedded_this_run": len(results),
+        "nodes": sorted({r["node"] for r in results}),
         # left out with --on-bad-shard skip; their rows are among missing_from_shards
         "input_shards_failed": failed,
         "embed_s": round(embed_s, 3), "total_s": round(time.perf_counter() - start, 3),

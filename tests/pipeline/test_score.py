@@ -18,28 +18,7 @@ from pipeline.filter import main as filter_main  # noqa: E402
 from pipeline.score import main  # noqa: E402
 from pools.format import NPZ_KEYS, SCORE_COLUMNS, Pool, read_metadata, validate_pool  # noqa: E402
 from pools.uids import uids_to_records  # noqa: E402
-from trainer.models import create_model, load_model, model_config_record  # noqa: E402
-
-
-def _small_cfg(dim):
-    """A small random open_clip model with CommonPool's embedding width."""
-    return {"embed_dim": dim,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Checkpoint files (the trainer's self-describing format) of 512-d and 768-d models."""
-    folder = tmp_path_factory.mktemp("models")
-    out = {}
-    for arch, dim in (("b32", 512), ("l14", 768)):
-        torch.manual_seed(dim)
-        cfg = _small_cfg(dim)
-        model, *_ = create_model(cfg)
-        out[arch] = folder / f"{arch}.pt"
-        torch.save({"epoch": 1, "state_dict": model.state_dict(), **model_config_record(cfg)}, out[arch])
-    return out
+from trainer.models import load_model  # noqa: E402
 
 
 CORRUPT_SHARD, CORRUPT_INDEX = 1, 3
