@@ -47,7 +47,7 @@ from pools.files import remove_stale_temporaries, sha256_file, write_json_atomic
 from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
                           score_fix)
 from pools.scales import SCALES, get_scale
-from pools.uids import records_from_halves, uid_keys, uids_to_records, write_subset
+from pools.uids import RepeatedKeys, SubsetWriter, records_from_halves, uid_keys, uids_to_records
 
 from pipeline.strategies import (ALIASES, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, evaluate_steps,
                                  groups_needed, required_metadata, resolve_strategies, selection_values,
@@ -456,25 +456,24 @@ def _row_keys(path: Path, table: pa.Table) -> np.ndarray:
         raise PoolFormatError(f"{path}: column 'uid': {exc}") from None
 
 
-def find_repeated_uids(source: TableSource) -> RepeatedUids:
+def find_repeated_uids(source: TableSource, spill_dir: Path) -> RepeatedUids:
     """Every row that repeats an earlier row's uid, from the uid column the run reads anyway.
 
     The first look is a sort of one 64-bit key per row (its first pass over `source` also
-    fills the cache the later passes read); only keys seen twice are confirmed on the exact
+    fills the cache the later passes read; past `pools.uids.SPILL_BYTES` of keys they are
+    partitioned on disk under `spill_dir`); only keys seen twice are confirmed on the exact
     uid records, in a second look at the files that hold them.
     """
-    keys, sizes = [], []
+    keys = RepeatedKeys(spill_dir)
+    sizes = []
+    position = 0
     for path, table in source:
-        keys.append(_row_keys(path, table))
+        keys.add(_row_keys(path, table), position)
         sizes.append((path, table.num_rows))
-    if not keys:
+        position += table.num_rows
+    candidates = keys.repeated_positions()  # pool positions, in pool order
+    if not len(candidates):
         return RepeatedUids({})
-    keys = np.concatenate(keys)
-    ordered = np.sort(keys)
-    twice = ordered[1:] == ordered[:-1]
-    if not twice.any():
-        return RepeatedUids({})
-    candidates = np.flatnonzero(np.isin(keys, ordered[1:][twice]))  # pool positions, in pool order
     starts = np.cumsum([0] + [n for _, n in sizes])
     file_of = np.searchsorted(starts, candidates, side="right") - 1
     wanted = {sizes[i][0]: candidates[file_of == i] - starts[i] for i in np.unique(file_of)}
@@ -712,7 +711,7 @@ def _run(cfg: FilterConfig) -> dict:
         source = TableSource(files, signals_reader(cfg.signals, ["uid_hi", "uid_lo", *columns_read, *extra],
                                                    skipped_files))
     t = time.perf_counter()
-    repeated = find_repeated_uids(source)
+    repeated = find_repeated_uids(source, cfg.out)
     timings["uid_check_s"] = time.perf_counter() - t
     if repeated.count:
         if not cfg.keep_first_duplicate:
@@ -734,7 +733,8 @@ def _run(cfg: FilterConfig) -> dict:
 
     t = time.perf_counter()
     funnels = {n: Funnel(steps=s.steps) for n, s in specs.items()}
-    kept: dict[str, list[np.ndarray]] = {n: [] for n in requested}
+    # kept uids go to sorted runs on disk past a budget: memory does not grow with the subset
+    kept = {n: SubsetWriter(cfg.out / f"{n}.npy") for n in requested}
     rows_read = 0
     caption_counts = {"null": 0, "not_utf8": 0}
     embeddings_missing = None  # rows without an image embedding, when it was read
@@ -756,7 +756,7 @@ def _run(cfg: FilterConfig) -> dict:
         rows = np.flatnonzero(np.logical_or.reduce(wanted)) if wanted else np.empty(0, np.int64)
         records = _uid_records(table, rows, parts)
         for n in requested:
-            kept[n].append(records[masks[n][rows]])
+            kept[n].add(records[masks[n][rows]])
     files_read = len(files_seen)
     rows_read += repeated.count
     for funnel in funnels.values():
@@ -776,13 +776,14 @@ def _run(cfg: FilterConfig) -> dict:
             skipped_strategies[n] = why
             _log(cfg, f"skipping {n}: {why}")
             requested.remove(n)
+            kept.pop(n).discard()
 
     # outputs
     t = time.perf_counter()
     outputs = {}
     for n in requested:
         path = cfg.out / f"{n}.npy"
-        count = write_subset(path, kept[n])
+        count = kept.pop(n).close()
         outputs[n] = {"path": str(path), "uids": count, "sha256": sha256_file(path)}
         _log(cfg, f"{n:<10} kept {count:>12,} of {funnels[n].rows:,} rows -> {path}")
     timings["write_s"] = time.perf_counter() - t

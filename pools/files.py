@@ -19,7 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-_TEMPORARY = re.compile(r"^\..+\.tmp-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{8}(\..*)?$")
+# `.<name>.tmp-<owner>-<random><suffixes>` (atomic_path), `.<name>.runs-<owner>` (a subset's
+# sorted runs) and `.uid-keys-<owner>` (spilled uid keys), where <owner> is `<pid>@<host>`
+_TEMPORARY = re.compile(r"^\..*?(?:\.tmp|\.runs|uid-keys)-(?P<pid>\d+)@(?P<host>.+?)(?:-[0-9a-f]{8}(?:\..*)?)?$")
 
 
 def owner_tag() -> str:
@@ -42,16 +44,21 @@ def owner_is_dead(pid: int, host: str) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete the temporary files in `folder` whose writer on this machine is gone (a killed
-    run's); returns how many."""
+    """Delete the temporary files and folders in `folder` whose writer on this machine is gone
+    (a killed run's); returns how many."""
+    import shutil
+
     removed = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    for p in folder.glob(".*.tmp-*"):
+    for p in folder.glob(".*"):
         m = _TEMPORARY.match(p.name)
-        if m and p.is_file() and owner_is_dead(int(m["pid"]), m["host"]):
-            p.unlink(missing_ok=True)
+        if m and owner_is_dead(int(m["pid"]), m["host"]):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed += 1
     return removed
 

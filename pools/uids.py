@@ -225,3 +225,170 @@ def check_sorted(subset: np.ndarray, path: Path, chunk: int = 1 << 22) -> None:
             row = max(0, lo - 1) + int(bad[0]) + 1
             raise ValueError(f"{path} is not sorted (row {row} is smaller than row {row - 1}); "
                              "sort it first, e.g. with pools.uids.write_subset")
+
+
+# --- bounded memory: subsets and uid keys past what fits -------------------------------------
+SPILL_BYTES = 64 << 20  # records kept in memory before they go to a sorted run on disk
+
+
+class SubsetWriter:
+    """`write_subset` with memory that does not grow with the subset: records are buffered up to
+    `budget_bytes`, then sorted into run files beside `path`, and the runs are merged k-way
+    into the final ``.npy`` (the same bytes ``np.save`` of the sorted records gives).
+
+    At xlarge a CLIP top-30% subset is 3.8B uids (61 GB of records): no process holds it.
+    """
+
+    def __init__(self, path: str | os.PathLike, budget_bytes: int | None = None):
+        from pools.files import owner_tag
+
+        self.path = Path(path)
+        if self.path.suffix != ".npy":
+            raise ValueError(f"subset file {self.path} must end in .npy (np.save format)")
+        self._budget = max(1, (budget_bytes or SPILL_BYTES) // UID_DTYPE.itemsize)
+        self._parts: list[np.ndarray] = []
+        self._buffered = 0
+        self._runs: list[Path] = []
+        self.count = 0
+        self._run_dir = self.path.with_name(f".{self.path.name}.runs-{owner_tag()}")
+        self.discard()  # what an earlier writer of this process left after an error
+
+    def add(self, records: np.ndarray) -> None:
+        if records.dtype != UID_DTYPE:
+            raise ValueError(f"subset records must have dtype {UID_DTYPE}, got {records.dtype}")
+        if not len(records):
+            return
+        self._parts.append(records)
+        self._buffered += len(records)
+        self.count += len(records)
+        if self._buffered >= self._budget:
+            self._spill()
+
+    def _spill(self) -> None:
+        run = sort_records(np.concatenate(self._parts))
+        self._parts, self._buffered = [], 0
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        path = self._run_dir / f"{len(self._runs):06d}.u8u8"
+        run.tofile(path)
+        self._runs.append(path)
+
+    def discard(self) -> None:
+        """Drop what was added (a strategy that turned out not to run)."""
+        import shutil
+
+        self._parts = []
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def close(self) -> int:
+        """Write the subset atomically; returns the number of uids written."""
+        import shutil
+
+        try:
+            if not self._runs:
+                return write_subset(self.path, self._parts)
+            if self._parts:
+                self._spill()
+            runs = [np.memmap(p, dtype=UID_DTYPE, mode="r") for p in self._runs]
+            with atomic_path(self.path) as tmp:
+                with open(tmp, "wb") as f:
+                    header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False,
+                              "shape": (self.count,)}
+                    np.lib.format.write_array_header_1_0(f, header)  # what np.save writes for this dtype
+                    for block in merge_sorted_runs(runs, max(1 << 10, self._budget // len(runs))):
+                        f.write(block.tobytes())
+            return self.count
+        finally:
+            self._parts = []
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+def merge_sorted_runs(runs: Sequence[np.ndarray], window: int) -> Iterable[np.ndarray]:
+    """Merge sorted ``u8,u8`` runs into sorted blocks, holding at most `window` records of each.
+
+    Each round takes, from every run's next window, the records up to the smallest of the
+    windows' last records: all of them precede whatever is left, so their sorted union is the
+    next block (and the run whose window ends there is consumed whole: every round moves on).
+    """
+    pos = [0] * len(runs)
+    while True:
+        windows = [(i, runs[i][pos[i]:pos[i] + window]) for i in range(len(runs)) if pos[i] < len(runs[i])]
+        if not windows:
+            return
+        cut = sort_records(np.array([w[-1] for _, w in windows], dtype=UID_DTYPE))[0]
+        taken = []
+        for i, w in windows:
+            n = int(np.searchsorted(w, cut, side="right"))
+            taken.append(np.asarray(w[:n]))
+            pos[i] += n
+        yield sort_records(np.concatenate(taken))
+
+
+KEY_POSITION = np.dtype([("key", "<u8"), ("position", "<i8")])
+
+
+class RepeatedKeys:
+    """Which positions hold a 64-bit key that occurs more than once, in bounded memory.
+
+    Keys (with their positions) stay in memory up to `budget_bytes`; past that they go to
+    partition files by their top bits, and each partition is checked alone.
+    """
+
+    PARTITION_BITS = 6
+
+    def __init__(self, folder: str | os.PathLike, budget_bytes: int | None = None):
+        import shutil
+
+        from pools.files import owner_tag
+
+        self._budget = max(1, (budget_bytes or SPILL_BYTES) // KEY_POSITION.itemsize)
+        self._parts: list[np.ndarray] = []
+        self._buffered = 0
+        self._dir = Path(folder) / f".uid-keys-{owner_tag()}"
+        self._spilled = False
+        shutil.rmtree(self._dir, ignore_errors=True)  # what an earlier search of this process left after an error
+
+    def add(self, keys: np.ndarray, first_position: int) -> None:
+        part = np.empty(len(keys), dtype=KEY_POSITION)
+        part["key"] = keys
+        part["position"] = np.arange(first_position, first_position + len(keys))
+        self._parts.append(part)
+        self._buffered += len(part)
+        if self._buffered >= self._budget:
+            self._spill()
+
+    def _spill(self) -> None:
+        data = np.concatenate(self._parts)
+        self._parts, self._buffered = [], 0
+        self._dir.mkdir(parents=True, exist_ok=True)
+        bucket = (data["key"] >> np.uint64(64 - self.PARTITION_BITS)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange((1 << self.PARTITION_BITS) + 1))
+        for b in range(1 << self.PARTITION_BITS):
+            if bounds[b] < bounds[b + 1]:
+                with open(self._dir / f"{b:03d}.bin", "ab") as f:
+                    f.write(data[order[bounds[b]:bounds[b + 1]]].tobytes())
+        self._spilled = True
+
+    def repeated_positions(self) -> np.ndarray:
+        """Sorted positions whose key some other position has too (the keys may still differ
+        in the full uid: confirm)."""
+        import shutil
+
+        try:
+            if not self._spilled:
+                return _repeated(np.concatenate(self._parts) if self._parts else np.empty(0, KEY_POSITION))
+            if self._parts:
+                self._spill()
+            found = [_repeated(np.fromfile(p, dtype=KEY_POSITION)) for p in sorted(self._dir.glob("*.bin"))]
+            return np.sort(np.concatenate(found)) if found else np.empty(0, np.int64)
+        finally:
+            self._parts = []
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _repeated(data: np.ndarray) -> np.ndarray:
+    ordered = np.sort(data["key"])
+    twice = ordered[1:] == ordered[:-1]
+    if not twice.any():
+        return np.empty(0, np.int64)
+    return np.sort(data["position"][np.isin(data["key"], ordered[1:][twice])])

@@ -343,3 +343,20 @@ def test_infinite_scores_never_pass_and_are_counted(pool, tmp_path):
     kept = set(records_to_uids(np.load(tmp_path / "only_clip" / "clip.npy")))
     assert uids[3] not in kept and uids[4] not in kept
     assert stats["scores_missing"] == {col: 2 + int(np.isnan(scores).sum()) + table.column(col).null_count}
+
+
+def test_spilled_subsets_and_uid_keys_give_the_same_outputs(pool, tmp_path, monkeypatch):
+    """Past the memory budget, kept uids go to sorted runs and uid keys to partition files:
+    the subsets (and the duplicate search) are the same as in memory."""
+    import pools.uids
+
+    _copy_file_as(pool, 1, "zz_copy")
+    strategies = ("no_filter", "clip", "basic")
+    want = _run(pool, tmp_path / "memory", *strategies, extra=("--on-duplicate-uid", "keep-first"))
+    monkeypatch.setattr(pools.uids, "SPILL_BYTES", 16 * 64)
+    got = _run(pool, tmp_path / "spilled", *strategies, extra=("--on-duplicate-uid", "keep-first"))
+    for n in strategies:
+        assert (tmp_path / "spilled" / f"{n}.npy").read_bytes() == (tmp_path / "memory" / f"{n}.npy").read_bytes()
+        assert got["strategies"][n]["kept"] == want["strategies"][n]["kept"]
+    assert got["duplicate_uid"] == want["duplicate_uid"] and got["duplicate_uid"]["rows"] == 200
+    assert sorted(p.name for p in (tmp_path / "spilled").iterdir() if p.name.startswith(".")) == []

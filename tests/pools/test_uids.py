@@ -105,3 +105,35 @@ def test_uid_keys_are_equal_exactly_where_the_records_are():
     assert keys[2000] == keys[2001] and keys[2002] == keys[2003] and keys[2000] != keys[2002]
     with pytest.raises(ValueError, match="row 1 is null"):
         uid_keys(pa.array(["ab" * 16, None]))
+
+
+@pytest.mark.parametrize("budget", [16 * 7, 16 * 1000, 1 << 30])
+def test_subset_writer_spills_sorted_runs_and_merges_to_np_save_bytes(tmp_path, budget):
+    from pools.uids import SubsetWriter
+
+    rng = np.random.default_rng(3)
+    records = np.empty(20_000, UID_DTYPE)
+    records["f0"] = rng.integers(0, 40, len(records), dtype=np.uint64)  # many equal upper halves
+    records["f1"] = rng.integers(0, 1 << 63, len(records), dtype=np.uint64)
+    records[100:200] = records[:100]  # duplicates (upsampling) are kept
+    write_subset(tmp_path / "want.npy", records)
+    writer = SubsetWriter(tmp_path / "got.npy", budget_bytes=budget)
+    for i in range(0, len(records), 777):
+        writer.add(records[i:i + 777])
+    assert writer.close() == len(records)
+    assert (tmp_path / "got.npy").read_bytes() == (tmp_path / "want.npy").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got.npy", "want.npy"]  # runs removed
+
+
+@pytest.mark.parametrize("budget", [16 * 50, 1 << 30])
+def test_repeated_keys_in_memory_and_partitioned_on_disk(tmp_path, budget):
+    from pools.uids import RepeatedKeys
+
+    rng = np.random.default_rng(4)
+    keys = rng.integers(0, 1 << 64, 5000, dtype=np.uint64)
+    keys[[7, 4000, 4999]] = keys[[3, 3, 10]]
+    found = RepeatedKeys(tmp_path, budget_bytes=budget)
+    for i in range(0, len(keys), 300):
+        found.add(keys[i:i + 300], i)
+    assert found.repeated_positions().tolist() == [3, 7, 10, 4000, 4999]
+    assert list(tmp_path.iterdir()) == []
