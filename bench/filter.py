@@ -2,6 +2,7 @@
 
     python bench/filter.py [--rows 2000000] [--workers 2] [--repeat 3] [--npz] [--unique-captions]
                            [--pool P] [--reference] [--helpers N]
+    python bench/filter.py --memory-scaling 2000000 8000000 32000000
 
 Generates (once, cached under --work-dir) a metadata-only synthetic pool of --rows rows with
 random CLIP scores (and, with --npz, random ``l14_img`` embeddings, centroids and targets for
@@ -21,6 +22,14 @@ The synthetic pool's captions come from templates, so most repeat; the filter ru
 once per distinct caption, which pays off there. ``--unique-captions`` appends the row number
 to every caption: nothing repeats, the worst case. ``signals_by`` says which processes
 computed the signals (Ray's tasks, or the helpers that work while Ray starts).
+
+``--memory-scaling N ...``: peak memory against pool size. For each N it writes (once, cached)
+a metadata-only pool of N rows with every CommonPool column, made column-wise with NumPy
+(random uids, scores and sizes; captions from a few templates), and runs ``no_filter`` (keeps
+every row: its subset is the largest possible) and ``clip`` (30%, a global threshold) and
+``basic`` (the signals pass) on it, one command each; each line gives the peak resident memory
+of the command's process tree and its ratio to the smallest pool's for the same strategy
+(target: at most 1.3 at 16x the rows).
 """
 
 from __future__ import annotations
@@ -101,6 +110,59 @@ def image_inputs(pool: Path, workers: int) -> tuple[Path, Path, float]:
         rng = np.random.default_rng(0)
         np.save(targets, (c[:16] + rng.standard_normal((16, c.shape[1])).astype(np.float32) * 0.01))
     return centroids, targets, seconds
+
+
+def make_flat_pool(root: Path, rows: int, rows_per_file: int = 100_000, seed: int = 0) -> Path:
+    """A metadata-only pool of `rows` rows written column-wise with NumPy (seconds per million
+    rows, unlike pools.synth): for measuring memory against pool size, not filter quality."""
+    from pools.format import METADATA_SCHEMA
+
+    pool = root / f"flat_{rows}_{rows_per_file}_{seed}"
+    done = pool / "bench_flat.json"
+    if done.is_file():
+        return pool
+    shutil.rmtree(pool, ignore_errors=True)
+    (pool / "metadata").mkdir(parents=True)
+    words = np.array(["a", "photo", "of", "the", "red", "dog", "cat", "on", "beach", "house", "blue", "car",
+                      "tree", "with", "small", "old"])
+    for i, start in enumerate(range(0, rows, rows_per_file)):
+        n = min(rows_per_file, rows - start)
+        rng = np.random.default_rng([seed, i])
+        uids = rng.bytes(16 * n).hex()
+        sha = rng.bytes(32 * n).hex()
+        picks = words[rng.integers(0, len(words), (n, 6))]
+        lengths = rng.integers(2, 7, n)
+        texts = [" ".join(r[:k]) for r, k in zip(picks.tolist(), lengths.tolist())]
+        cols = {
+            "uid": pa.array([uids[32 * j:32 * j + 32] for j in range(n)]),
+            "url": pa.array([f"https://example.com/{start + j}.jpg" for j in range(n)]),
+            "text": pa.array(texts),
+            "original_width": pa.array(rng.integers(64, 1024, n)),
+            "original_height": pa.array(rng.integers(64, 1024, n)),
+            "clip_b32_similarity_score": pa.array(rng.uniform(-0.05, 0.45, n).astype(np.float32)),
+            "clip_l14_similarity_score": pa.array(rng.uniform(-0.05, 0.45, n).astype(np.float32)),
+            "face_bboxes": pa.array([[]] * n, METADATA_SCHEMA.field("face_bboxes").type),
+            "sha256": pa.array([sha[64 * j:64 * j + 64] for j in range(n)]),
+        }
+        pq.write_table(pa.table(cols, schema=METADATA_SCHEMA), pool / "metadata" / f"{i:08d}.parquet")
+    done.write_text(json.dumps({"rows": rows}))
+    return pool
+
+
+def memory_scaling(sizes: list[int], work_dir: Path, workers: int, executor: str) -> list[dict]:
+    results, first = [], {}
+    for rows in sizes:
+        pool = make_flat_pool(work_dir, rows)
+        for strategy in ("no_filter", "clip", "basic"):
+            out = work_dir / "runs" / f"memory_{strategy}"
+            m = run_measured(filter_command(pool, [strategy], out, workers, executor, []))
+            first.setdefault(strategy, m["peak_rss_mb"])
+            line = {"mode": "memory_scaling", "strategy": strategy, "rows": rows, **m,
+                    "kept": json.loads((out / "stats.json").read_text())["strategies"][strategy]["kept"],
+                    "peak_vs_smallest_pool": round(m["peak_rss_mb"] / first[strategy], 3)}
+            print(json.dumps(line), flush=True)
+            results.append(line)
+    return results
 
 
 # --- measuring a command ------------------------------------------------------------------------
@@ -221,9 +283,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeat", type=int, default=1, help="run each command this many times and "
                         "report the median (default %(default)s)")
     parser.add_argument("--helpers", type=int, help="pipeline.filter --helpers (default: its own)")
+    parser.add_argument("--memory-scaling", type=int, nargs="+", metavar="ROWS",
+                        help="measure peak memory on metadata-only pools of these sizes instead")
     args = parser.parse_args(argv)
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.memory_scaling:
+        return memory_scaling(args.memory_scaling, args.work_dir, args.workers, args.executor)
     pool = args.pool or make_pool(args.work_dir, args.rows, args.rows_per_file, args.seed, args.npz,
                                   args.unique_captions)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (pool / "metadata").glob("*.parquet"))
