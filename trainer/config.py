@@ -100,6 +100,8 @@ class TrainConfig:
     model_cfg: dict | None = None
     rewind_from: str | None = None  # the run or checkpoint a rewind continues (`--rewind-from`)
     rewind_at: float | None = None  # fraction of the parent's budget to rewind to
+    threads: int | None = None  # torch compute threads per process; None: `compute_threads`
+    torch_compile: bool = False  # torch.compile the model (GPU runs; no gain measured on CPU)
 
     def __post_init__(self) -> None:
         if self.aug_cfg is not None:
