@@ -115,6 +115,14 @@ def check_plan(plan: list[list[int]], world_size: int) -> None:
 def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict:
     """Run (or resume) training as `cfg` says; returns the manifest (on every rank)."""
     env = env or init_distributed(cfg.device)
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(cfg, env)
+    finally:  # a caller that goes on in this process (the demo) keeps its own thread count
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     out = Path(cfg.out)
     budget, scale = cfg.budget, get_train_scale(cfg.scale)
     overrides = budget_overrides(scale, budget)
