@@ -13,6 +13,8 @@ seen, skipped-sample counters, timings).
 
 The loop: build model, data, optimiser and schedule; for each interval, for each step: set the
 lr, forward, ClipLoss, backward, (clip), step, clamp the logit scale; then checkpoint.
+A rewind (`--rewind-from`, see `trainer.rewind`) enters the same loop from a parent run's
+checkpoint with the rest of the parent's budget to train.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from trainer.distributed import (DistEnv, all_reduce_mean, all_reduce_sum_counts
                                  init_distributed, shutdown)
 from trainer.models import (MODEL_CONFIG_FILE, MODEL_CONFIGS_DIR, count_parameters, create_model,
                             model_config_record, read_model_config_file, with_image_drop_path)
-from trainer.rewind import RewindPoint, find_rewind_point, parent_config
+from trainer.rewind import find_rewind_point, parent_config
 
 
 # --- pure pieces ------------------------------------------------------------------------------
