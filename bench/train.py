@@ -87,6 +87,8 @@ def bench_ours(a, shards: str, out: Path, env: dict) -> dict:
         "--precision", a.precision, "--no-progress", "--no-tensorboard", "--warmup", "10"]
     if a.torch_compile:
         cmd.append("--torch-compile")
+    if a.threads is not None:
+        cmd += ["--threads", str(a.threads)]
     _, wall, rss = run_timed(cmd, env)
     m = json.loads((out / "manifest.json").read_text())
     return {"samples_per_s": m["steady_samples_per_second"], "data_wait_share": m["data_wait_fraction"],
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", default=None, choices=["fp32", "amp", "amp_bf16"],
                    help="default fp32; --gpu amp_bf16")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the model in both trainers")
+    p.add_argument("--threads", type=int, default=None,
+                   help="trainer.train's --threads (default: its own policy; open_clip_train keeps torch's)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each trainer, alternated A B A B ... (default 3)")
     p.add_argument("--peak-flops", type=float, default=None,
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         flops = forward_flops_per_sample(a.model)
         result = {"model": a.model, "precision": a.precision, "batch_size": a.batch_size,
                   "steps": a.steps, "nproc": a.nproc, "workers": a.workers, "repeats": a.repeats,
-                  "torch_compile": a.torch_compile, "device": device, "peak_flops": peak,
+                  "torch_compile": a.torch_compile, "threads_ours": a.threads, "device": device, "peak_flops": peak,
                   "forward_flops_per_sample": flops}
         ours, oc = [], []
         for r in range(a.repeats):  # A B A B ...: a change of load falls on both
