@@ -92,8 +92,22 @@ class TrainConfig:
     device: str = "auto"
     tensorboard: bool = True
     progress: bool = True
+    # open_clip's AugmentationCfg as a dict (`--aug-cfg`); None: open_clip's default transform.
+    # DataComp fixes no augmentation beyond the default, so a run with one is non-standard.
+    aug_cfg: dict | None = None
+    # the open_clip config dict of `budget.model` when it is not a known name (`--model-config`,
+    # `--image-drop-path`); recorded so that config.json alone rebuilds the model
+    model_cfg: dict | None = None
+    rewind_from: str | None = None  # the run or checkpoint a rewind continues (`--rewind-from`)
+    rewind_at: float | None = None  # fraction of the parent's budget to rewind to
+    threads: int | None = None  # torch compute threads per process; None: `compute_threads`
+    torch_compile: bool = False  # torch.compile the model (GPU runs; no gain measured on CPU)
 
     def __post_init__(self) -> None:
+        if self.aug_cfg is not None:
+            check_aug_cfg(self.aug_cfg)
+        if self.rewind_at is not None and not 0 < self.rewind_at < 1:
+            raise ValueError(f"rewind_at {self.rewind_at} must lie strictly between 0 and 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} not one of {PRECISIONS}")
         if self.num_checkpoints <= 0:
@@ -111,6 +125,24 @@ class TrainConfig:
         d = dict(d)
         d["budget"] = TrainScale(**d["budget"])
         return cls(**d)
+
+
+def check_aug_cfg(aug_cfg: dict) -> None:
+    """Refuse keys open_clip's `AugmentationCfg` does not have (they would be ignored silently)."""
+    from open_clip.transform import AugmentationCfg
+
+    known = {f.name for f in fields(AugmentationCfg)}
+    unknown = sorted(set(aug_cfg) - known)
+    if unknown:
+        raise ValueError(f"--aug-cfg: unknown key(s) {', '.join(unknown)}; open_clip's "
+                         f"AugmentationCfg has {', '.join(sorted(known))}")
+
+
+def aug_cfg_for_open_clip(aug_cfg: dict | None) -> dict | None:
+    """The recorded aug_cfg as open_clip takes it: JSON lists back to tuples."""
+    if aug_cfg is None:
+        return None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in aug_cfg.items()}
 
 
 def budget_overrides(scale: TrainScale, used: TrainScale) -> dict[str, dict]:

@@ -1,7 +1,10 @@
 """Training data: webdataset shards in, batches of (images, tokens) out, exactly on budget.
 
 Reads img2dataset/`pools.synth` shards and `pipeline.reshard` output alike (per-sample
-`.jpg`/`.png`/`.webp` + `.txt` members; keys like `000000123` or `<uid>-<j>`).
+`.jpg`/`.png`/`.webp` + `.txt` members; keys like `000000123` or `<uid>-<j>`), from local
+files or streamed: `pipe:COMMAND` (the command writes the tar to stdout), `http(s)://`,
+`gs://` (gsutil) and `s3://` (the AWS CLI) URLs, brace patterns over any of them. Streams are
+opened with webdataset's `gopen`, the opener open_clip_train uses.
 
 How a run's samples are drawn (DataComp's `--dataset-resampled`):
 - The budget is split into checkpoint intervals ("epochs", as in DataComp), each into steps of
@@ -53,7 +56,27 @@ def expand_shards(spec: str) -> list[str]:
     return out
 
 
+# Schemes read as streams, and how (webdataset's gopen knows the others; S3 goes through the AWS
+# CLI as in open_clip's documented `pipe:aws s3 cp URL -`).
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
+
+
+def is_remote(shard: str) -> bool:
+    return shard.startswith(REMOTE_PREFIXES)
+
+
+def stream_url(shard: str) -> str:
+    """The URL webdataset's gopen opens for a remote shard."""
+    if shard.startswith("s3://"):
+        return f"pipe:aws s3 cp {shard} -"
+    return shard
+
+
 def _expand_one(part: str) -> list[str]:
+    if is_remote(part):  # nothing to check before reading: a failing stream is counted then
+        import braceexpand
+
+        return list(braceexpand.braceexpand(part))
     if "{" in part:
         import braceexpand
 
@@ -117,9 +140,24 @@ def rank_share(n: int, world_size: int, rank: int) -> int:
 
 # --- reading shards ---------------------------------------------------------------------------
 def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a webdataset tar, members grouped by key."""
+    """(key, {extension: bytes}) for each sample of a webdataset tar, members grouped by key.
+
+    `path` is a file or a remote shard (`is_remote`); a stream whose command or download fails
+    raises OSError when it ends.
+    """
+    if is_remote(path):
+        from webdataset.gopen import gopen
+
+        with gopen(stream_url(path), "rb") as stream:
+            yield from _tar_samples(stream)
+        return
+    with open(path, "rb") as f:
+        yield from _tar_samples(f)
+
+
+def _tar_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
     key, sample = None, {}
-    with tarfile.open(path, "r|*") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue

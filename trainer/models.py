@@ -136,18 +136,54 @@ def resolve_model(name_or_cfg: str | dict[str, Any]) -> tuple[str, dict[str, Any
 
 
 def create_model(name_or_cfg: str | dict[str, Any], *, pretrained: str | None = None,
-                 precision: str = "fp32", device: str | torch.device = "cpu"):
+                 precision: str = "fp32", device: str | torch.device = "cpu",
+                 aug_cfg: dict[str, Any] | None = None):
     """(model, preprocess_train, preprocess_val, tokenizer) for a model name or config dict.
 
-    `pretrained` may be a checkpoint file (ours or open_clip's); none is downloaded here.
+    `pretrained` may be a checkpoint file (ours or open_clip's); none is downloaded here. A
+    Hugging Face text tower (`text_cfg.hf_model_name`) named by a local folder starts from the
+    weights in that folder when it holds some, as in open_clip. `aug_cfg` is open_clip's
+    `AugmentationCfg` as a dict (training transform only).
     """
     import open_clip
 
     name, _ = resolve_model(name_or_cfg)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, precision=precision, device=device)
+        name, pretrained=pretrained, precision=precision, device=device, aug_cfg=aug_cfg)
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def read_model_config_file(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(name, config) of an open_clip model config file; the name is the file's stem, as for
+    `open_clip.add_model_config`. Our own `model_config.json` form is accepted too."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable JSON model config ({exc})") from None
+    if isinstance(cfg, dict) and "model_cfg" in cfg and "model_name" in cfg:
+        return str(cfg["model_name"]), cfg["model_cfg"]
+    if not is_model_cfg(cfg):
+        raise ValueError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and "
+                         "text_cfg (see open_clip/model_configs/*.json)")
+    return path.stem, cfg
+
+
+def with_image_drop_path(name: str, cfg: dict[str, Any], rate: float) -> tuple[str, dict[str, Any]]:
+    """The config with stochastic depth `rate` on its image tower, under a name saying so.
+
+    open_clip passes `vision_cfg.timm_drop_path` to timm towers (the ConvNeXt configs set 0.1);
+    its own VisionTransformer has no stochastic depth, so other towers are refused.
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"--image-drop-path {rate}: a rate in [0, 1)")
+    if not cfg["vision_cfg"].get("timm_model_name"):
+        raise ValueError(f"--image-drop-path: model {name!r} has open_clip's own image tower, which "
+                         "has no stochastic depth; use a timm tower (vision_cfg.timm_model_name)")
+    cfg = copy.deepcopy(cfg)
+    cfg["vision_cfg"]["timm_drop_path"] = rate
+    return f"{name}-drop-path-{rate:g}", cfg
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -175,6 +211,20 @@ def latest_checkpoint(run: Path) -> Path:
     return numbered[-1]
 
 
+def checkpoint_and_record(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint file, {"model_name", "model_cfg"}) for a run folder or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        checkpoint = latest_checkpoint(path)
+        record_path = path / MODEL_CONFIG_FILE
+        record = json.loads(record_path.read_text()) if record_path.is_file() \
+            else _model_record_for(checkpoint)
+        return checkpoint, record
+    if path.is_file():
+        return path, _model_record_for(path)
+    raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
+
+
 def _model_record_for(checkpoint: Path) -> dict[str, Any]:
     """The model name and config for a checkpoint: from the file itself or its run folder."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -190,17 +240,7 @@ def _model_record_for(checkpoint: Path) -> dict[str, Any]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, preprocess_val, tokenizer) from a run folder or a checkpoint file, in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        checkpoint = latest_checkpoint(path)
-        record_path = path / MODEL_CONFIG_FILE
-        record = json.loads(record_path.read_text()) if record_path.is_file() \
-            else _model_record_for(checkpoint)
-    elif path.is_file():
-        checkpoint = path
-        record = _model_record_for(checkpoint)
-    else:
-        raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
+    checkpoint, record = checkpoint_and_record(path)
     model, _, preprocess_val, tokenizer = create_model(record, pretrained=str(checkpoint),
                                                        device=device)
     model.eval()
