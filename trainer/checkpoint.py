@@ -31,8 +31,12 @@ def save_checkpoint(run: Path, state: dict[str, Any], *, keep_numbered: bool = T
     if keep_numbered:
         targets.insert(0, checkpoint_path(run, state["epoch"]))
     for target in targets:
-        with atomic_path(target) as tmp:
-            torch.save(state, tmp)
+        try:
+            with atomic_path(target) as tmp, open(tmp, "wb") as f:
+                torch.save(state, f)  # through a Python file: a full disk is an OSError, not a C++ one
+        except OSError as exc:
+            raise OSError(exc.errno, f"{target}: cannot write the checkpoint ({exc.strerror or exc}); free "
+                                     "space on that disk, then continue with --resume latest") from None
     return targets[0]
 
 

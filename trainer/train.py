@@ -526,22 +526,16 @@ def _checked_config(args: argparse.Namespace, scale, budget, **run) -> TrainConf
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from pools.cli import one_line_errors
+
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors(argv, FileNotFoundError, ValueError):  # flags that do not fit: one line
         cfg = config_from_args(args)
-    except (FileNotFoundError, ValueError) as exc:  # flags that do not fit: one line
-        if argv is not None:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     env = init_distributed(cfg.device)
+    # the data, a checkpoint to resume or rewind from, a config that does not fit, a full disk
     try:
-        manifest = train(cfg, env)
-    except (FileNotFoundError, ValueError) as exc:  # the data, a checkpoint to resume or rewind
-        if argv is not None:                         # from, a config that does not fit: one line
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        with one_line_errors(argv, FileNotFoundError, ValueError, OSError):
+            manifest = train(cfg, env)
     finally:
         shutdown(env)
     if env.is_master:
