@@ -70,8 +70,11 @@ def test_run_loads_in_open_clip_as_local_dir_and_pretrained(run):
     model, _, preprocess = open_clip.create_model_and_transforms(
         "tiny", pretrained=str(run / "checkpoints" / "epoch_latest.pt"))
     registered = _features(model.eval(), preprocess, open_clip.get_tokenizer("tiny"))
-    for a, b, c in zip(ours, local, registered):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    # DataComp's evaluate.py --use_model "local-dir:RUN PATH": open_clip reads the folder, ignores PATH
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run}", pretrained="ignored.pt")
+    datacomp = _features(model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{run}"))
+    for a, b, c, d in zip(ours, local, registered, datacomp):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
     # the local folder holds the last interval's weights, not the first's
     first, _, _ = load_model(run / "checkpoints" / "epoch_1.pt")
     assert not torch.equal(first.visual.conv1.weight, local_model.visual.conv1.weight)
