@@ -6,7 +6,7 @@ import torch
 
 from trainer.evaluate import (classification_metrics, done_keys, evaluate, retrieval_metrics,
                               zero_shot_classifier)
-from trainer.models import create_model
+from trainer.models import TINY_MODEL_CFG, create_model
 
 
 def test_classification_metrics_on_known_logits():
@@ -45,15 +45,20 @@ def test_classifier_averages_normalised_template_embeddings():
     assert torch.allclose(w[:, 0], torch.nn.functional.normalize(e.mean(0), dim=0), atol=1e-5)
 
 
-def test_evaluate_writes_datacomp_lines_once(train_pool, tmp_path):
-    import tarfile, io
-    from pools.synth import encode_jpeg, matching_caption, render_concept
+def _tiny_run(tmp_path):
+    """A run folder holding one checkpoint of a random-init tiny model."""
     model, _, _, _ = create_model("tiny")
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"epoch": 1, "name": "run", "state_dict": model.state_dict(), "model_name": "tiny",
-                "model_cfg": __import__("trainer.models").models.TINY_MODEL_CFG},
-               run / "checkpoints" / "epoch_1.pt")
+                "model_cfg": TINY_MODEL_CFG}, run / "checkpoints" / "epoch_1.pt")
+    return run
+
+
+def test_evaluate_writes_datacomp_lines_once(train_pool, tmp_path):
+    import tarfile, io
+    from pools.synth import encode_jpeg, matching_caption, render_concept
+    run = _tiny_run(tmp_path)
     pairs = tmp_path / "pairs"
     pairs.mkdir()
     with tarfile.open(pairs / "0.tar", "w") as tar:
@@ -166,8 +171,11 @@ def datacomp_dir(train_pool, tmp_path_factory):
     _write_task(root / "wds_imagenet1k_test", plain, classnames=names, nshards=4)
     _write_task(root / "wds_vtab-cifar100_test", plain, classnames=names)
     # unbalanced classes, so acc1 and mean per-class recall differ
-    seen: dict = {}
-    pets = [s for s, (_, c) in zip(plain, images) if seen.setdefault(c, []).append(1) or len(seen[c]) <= c % 5 + 1]
+    pets, taken = [], np.zeros(len(CONCEPTS), int)
+    for sample, (_, c) in zip(plain, images):
+        if taken[c] < c % 5 + 1:  # class c keeps c % 5 + 1 images
+            pets.append(sample)
+            taken[c] += 1
     _write_task(root / "wds_vtab-pets_test", pets, classnames=names)
     four = [{"jpg": j, "cls": str(c).encode()} for j, c in images if c < 4]
     _write_task(root / "wds_vtab-kitti_closest_vehicle_distance_test", four, classnames=names[:4])
@@ -185,16 +193,6 @@ def datacomp_dir(train_pool, tmp_path_factory):
     (root / "wds_misc-winogavil_test").mkdir()
     (root / "wds_fairface_test").mkdir()
     return root
-
-
-def _tiny_run(tmp_path):
-    model, _, _, _ = create_model("tiny")
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save({"epoch": 1, "name": "run", "state_dict": model.state_dict(), "model_name": "tiny",
-                "model_cfg": __import__("trainer.models").models.TINY_MODEL_CFG},
-               run / "checkpoints" / "epoch_1.pt")
-    return run
 
 
 def test_datacomp_suite_writes_datacomps_lines_and_group_averages(datacomp_dir, tmp_path, capsys):
