@@ -16,7 +16,8 @@ One entry per task of DataComp's `tasklist.yml` (40 entries, in its order), with
 - `folder`: where `download_evalsets.py` puts it under `--data_dir`: `wds_<key, '/' -> '-'>_test`
   (`fairness/` dropped). DataComp reads the retrieval sets and WinoGAViL from the Hugging Face
   hub instead; locally we read retrieval sets in clip_benchmark's webdataset layout
-  (`dataset_type.txt` says `retrieval`), under DataComp's folder name or clip_benchmark's.
+  (`dataset_type.txt` says `retrieval`), under DataComp's folder name or clip_benchmark's, and
+  WinoGAViL in a layout of ours (`trainer.evaluate.WINOGAVIL_LAYOUT`) under DataComp's name.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class DataCompTask:
     metadata_fields: tuple[str, ...] = ()
     group_by: tuple[str, ...] = ()
     folder_aliases: tuple[str, ...] = ()  # other folder names accepted (clip_benchmark's)
+    hub_dataset: str | None = None  # the Hugging Face dataset DataComp reads instead of a folder
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -111,12 +113,14 @@ TASKS: tuple[DataCompTask, ...] = (
     _classification("vtab/svhn", "SVHN", 26032, 10, VTAB_GROUP),
     DataCompTask(key="retrieval/flickr_1k_test_image_text_retrieval", name="Flickr", size=1000,
                  main_metric="mean_recall@1", kind="retrieval", group=RETRIEVAL_GROUP,
-                 folder_aliases=("wds_flickr1k_test", "wds_flickr1k")),
+                 folder_aliases=("wds_flickr1k_test", "wds_flickr1k"),
+                 hub_dataset="nlphuji/flickr_1k_test_image_text_retrieval"),
     DataCompTask(key="retrieval/mscoco_2014_5k_test_image_text_retrieval", name="MSCOCO", size=5000,
                  main_metric="mean_recall@1", kind="retrieval", group=RETRIEVAL_GROUP,
-                 folder_aliases=("wds_mscoco_captions_test", "wds_mscoco_captions")),
+                 folder_aliases=("wds_mscoco_captions_test", "wds_mscoco_captions"),
+                 hub_dataset="nlphuji/mscoco_2014_5k_test_image_text_retrieval"),
     DataCompTask(key="misc/winogavil", name="WinoGAViL", size=3563, main_metric="jaccard_score_10-12",
-                 kind="winogavil", group=RETRIEVAL_GROUP),
+                 kind="winogavil", group=RETRIEVAL_GROUP, hub_dataset="nlphuji/winogavil"),
     DataCompTask(key="wilds/iwildcam", name="iWildCam", size=42791, num_classes=182,
                  main_metric="F1-macro_all", kind="grouped",
                  metadata_fields=("location", "sequence", "year", "month", "day", "hour", "minute",

@@ -172,6 +172,36 @@ def grouped_metrics(task: DataCompTask, logits: np.ndarray, targets: np.ndarray,
     raise EvalInputError(f"{task.name}: no grouped metric is defined for it")
 
 
+def winogavil_prompt(cue: str) -> str:
+    """DataComp's text for a WinoGAViL cue: "An <cue>" before a vowel, else "A <cue>", lower-cased."""
+    cue = cue.lower()
+    return f"An {cue}" if cue[:1] in ("a", "e", "i", "o", "u") else f"A {cue}"
+
+
+def winogavil_scores(similarities: Sequence[np.ndarray], associated: Sequence[np.ndarray]) -> dict:
+    """DataComp's WinoGAViL metrics: per instance the k candidates most similar to the cue
+    (k = its number of associations) are the answer, scored by the Jaccard index with the
+    associations (sklearn's binary `jaccard_score`), then averaged over all instances and over
+    those with 5, 6, 10, 12, <= 6 and >= 10 candidates (None where there are none)."""
+    scores, sizes = [], []
+    for sim, truth in zip(similarities, associated):
+        truth = np.asarray(truth, dtype=bool)
+        top = np.argsort(np.asarray(sim))[-int(truth.sum()):]
+        pred = np.isin(np.arange(len(truth)), top)
+        union = (truth | pred).sum()
+        scores.append((truth & pred).sum() / union if union else 0.0)
+        sizes.append(len(truth))
+    scores, sizes = np.asarray(scores, dtype=np.float64), np.asarray(sizes)
+
+    def mean(mask):
+        return float(scores[mask].mean()) if mask.any() else None
+
+    return {"avg_jaccard_score": mean(sizes > 0), "jaccard_score_5": mean(sizes == 5),
+            "jaccard_score_6": mean(sizes == 6), "jaccard_score_10": mean(sizes == 10),
+            "jaccard_score_12": mean(sizes == 12), "jaccard_score_5-6": mean(sizes <= 6),
+            "jaccard_score_10-12": mean(sizes >= 10)}
+
+
 # --- tasks ------------------------------------------------------------------------------------
 @dataclass
 class ClassificationTask:
@@ -384,6 +414,37 @@ def evaluate_retrieval(model, preprocess, tokenizer, root: Path, *, batch_size: 
     return metrics
 
 
+WINOGAVIL_LAYOUT = ("one sample per instance: <key>.json holding {\"cue\", \"candidates\": [names], "
+                    "\"associations\": [names]} and candidate i's image as <key>.c<i>.jpg")
+
+
+@torch.no_grad()
+def evaluate_winogavil(model, preprocess, tokenizer, tars: list[Path], *, device: str = "cpu") -> dict:
+    """WinoGAViL from our local layout (WINOGAVIL_LAYOUT), as DataComp's `wino_eval` scores it."""
+    similarities, associated = [], []
+    for tar in tars:
+        for key, sample in tqdm(iter_tar_samples(str(tar)), desc="WinoGAViL", unit="instance", leave=False):
+            try:
+                instance = json.loads(sample["json"])
+                candidates = list(instance["candidates"])
+                images = [first_member(sample, tuple(f"c{i}.{e}" for e in IMAGE_EXTS))
+                          for i in range(len(candidates))]
+                cue, wanted = str(instance["cue"]), set(instance["associations"])
+            except (KeyError, TypeError, ValueError):
+                raise EvalInputError(f"{tar}: sample {key} is not a WinoGAViL instance ({WINOGAVIL_LAYOUT})") from None
+            if any(img is None for img in images) or not wanted:
+                raise EvalInputError(f"{tar}: sample {key} lacks a candidate image or associations "
+                                     f"({WINOGAVIL_LAYOUT})")
+            image_emb = model.encode_image(torch.stack([preprocess(_open_image(i)) for i in images]).to(device),
+                                           normalize=True)
+            text_emb = model.encode_text(tokenizer([winogavil_prompt(cue)]).to(device), normalize=True)
+            similarities.append((text_emb @ image_emb.T).squeeze(0).float().cpu().numpy())
+            associated.append(np.isin(candidates, list(wanted)))
+    if not similarities:
+        raise EvalInputError(f"{tars[0].parent}: no WinoGAViL instances")
+    return winogavil_scores(similarities, associated)
+
+
 # --- DataComp's suite -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SuiteEntry:
@@ -399,10 +460,6 @@ class SuiteEntry:
 
 def _check_task_files(task: DataCompTask, folder: Path) -> None:
     """Raise EvalInputError naming what the task's folder lacks for its metric."""
-    if task.kind == "winogavil":
-        raise EvalInputError("DataComp reads WinoGAViL from the Hugging Face hub (nlphuji/winogavil: "
-                             "a cue, candidate images and associations per instance); there is no "
-                             "local webdataset layout of it to read")
     dataset_type = folder / "dataset_type.txt"
     declared = dataset_type.read_text().strip().lower() if dataset_type.is_file() else "classification"
     if task.kind == "retrieval" and declared != "retrieval":
@@ -423,6 +480,11 @@ def evaluate_datacomp_task(loaded: LoadedModel, task: DataCompTask, folder: Path
         metrics = evaluate_retrieval(loaded.model, loaded.preprocess, loaded.tokenizer, folder,
                                      batch_size=batch_size, device=device, tars=tars)
         metrics = {k: v for k, v in metrics.items() if not k.startswith("num_")}
+    elif task.kind == "winogavil":
+        metrics = evaluate_winogavil(loaded.model, loaded.preprocess, loaded.tokenizer, tars, device=device)
+        if metrics[task.main_metric] is None:
+            raise EvalInputError(f"{folder}: no instance has 10 or 12 candidates, which "
+                                 f"{task.main_metric} averages over")
     else:
         ctask = ClassificationTask(task.key, _read_lines(folder / "classnames.txt"),
                                    _read_lines(folder / "zeroshot_classification_templates.txt"),
@@ -467,7 +529,10 @@ def evaluate_datacomp_suite(loaded: LoadedModel, data_dir: Path, out: Path, *, b
             continue
         folder = find_task_folder(data_dir, task)
         if folder is None:
-            entries.append(entry(None, "missing", f"no {' or '.join(task.folders)} in {data_dir}"))
+            hub = (f"; DataComp reads it from the Hugging Face hub ({task.hub_dataset}): convert that to this "
+                   "folder" + (f" ({WINOGAVIL_LAYOUT})" if task.kind == "winogavil" else
+                               " in clip_benchmark's retrieval layout") if task.hub_dataset else "")
+            entries.append(entry(None, "missing", f"no {' or '.join(task.folders)} in {data_dir}{hub}"))
             log(f"{prefix}: not found ({entries[-1].reason})")
             continue
         log(f"{prefix}: evaluating {folder}")

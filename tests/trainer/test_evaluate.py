@@ -104,6 +104,20 @@ def test_group_metrics_as_wilds_computes_them():
     assert s["F1-macro_all"] == pytest.approx((0.5 + 2 / 3) / 2)
 
 
+def test_winogavil_scores_as_datacomp_computes_them():
+    from trainer.evaluate import winogavil_prompt, winogavil_scores
+    assert winogavil_prompt("Apple") == "An apple" and winogavil_prompt("dog") == "A dog"
+    sims = [np.array([0.9, 0.1, 0.8, 0.2, 0.3, 0, 0, 0, 0, 0.05]),   # top-2 {0, 2}; truth {0, 1}: 1/3
+            np.array([0.5, 0.4, 0.3, 0.2, 0.1, 0, 0, 0, 0, 0, 0, 0]),  # top-3 {0,1,2} = truth: 1
+            np.array([0.1, 0.2, 0.3, 0.4, 0.5])]                    # top-1 {4}; truth {0}: 0
+    truth = [np.isin(np.arange(10), [0, 1]), np.isin(np.arange(12), [0, 1, 2]), np.isin(np.arange(5), [0])]
+    m = winogavil_scores(sims, truth)
+    assert m["jaccard_score_10"] == pytest.approx(1 / 3) and m["jaccard_score_12"] == 1.0
+    assert m["jaccard_score_10-12"] == pytest.approx((1 / 3 + 1) / 2)
+    assert m["jaccard_score_5"] == 0.0 and m["jaccard_score_5-6"] == 0.0 and m["jaccard_score_6"] is None
+    assert m["avg_jaccard_score"] == pytest.approx((1 / 3 + 1 + 0) / 3)
+
+
 def test_aggregate_scores_match_a_hand_computation():
     from trainer.datacomp_tasks import (AVERAGE, MAIN_METRICS, SCORED_TASKS, TASKS, aggregate_scores)
     assert len(TASKS) == 40 and len(MAIN_METRICS) == 38
@@ -190,7 +204,22 @@ def datacomp_dir(train_pool, tmp_path_factory):
     _write_task(root / "wds_wilds-iwildcam_test", plain, classnames=names)  # F1 needs no metadata
     _write_task(root / "wds_wilds-fmow_test", plain, classnames=names)  # worst region needs it: unusable
     _write_task(root / "wds_imagenet-r_test", plain, classnames=names, templates=False)
-    (root / "wds_misc-winogavil_test").mkdir()
+    # WinoGAViL: cue = a concept's name; 10 or 12 candidates (5 in one), 2-3 of them its images
+    by_class: dict = {}
+    for j, c in images:
+        by_class.setdefault(c, []).append(j)
+    instances = []
+    for n, (c, size) in enumerate([(0, 10), (7, 12), (14, 10), (21, 12), (28, 5)]):
+        k = 2 + n % 2
+        others = [by_class[(c + 1 + i) % len(CONCEPTS)][0] for i in range(size - k)]
+        order = rng.permutation(size)
+        candidates = [f"c{c}_{i}" if i < k else f"other{i}" for i in range(size)]
+        jpgs = by_class[c][:k] + others
+        instance = {"json": json.dumps({"cue": names[c], "candidates": [candidates[o] for o in order],
+                                        "associations": candidates[:k]}).encode()}
+        instance.update({f"c{pos}.jpg": jpgs[o] for pos, o in enumerate(order)})
+        instances.append(instance)
+    _write_task(root / "wds_misc-winogavil_test", instances)
     (root / "wds_fairface_test").mkdir()
     return root
 
@@ -205,8 +234,8 @@ def test_datacomp_suite_writes_datacomps_lines_and_group_averages(datacomp_dir, 
     assert lines == new
     by_key = {l["key"]: l for l in lines}
     evaluated = ["vtab/cifar100", "imagenet1k", "vtab/kitti_closest_vehicle_distance", "vtab/pets",
-                 "retrieval/flickr_1k_test_image_text_retrieval", "wilds/iwildcam", "fairness/dollar_street",
-                 "fairness/geode"]
+                 "retrieval/flickr_1k_test_image_text_retrieval", "misc/winogavil", "wilds/iwildcam",
+                 "fairness/dollar_street", "fairness/geode"]
     assert [l["key"] for l in lines] == [k for k in TASKS_BY_KEY if k in evaluated]  # tasklist order
     for line in lines:
         task = TASKS_BY_KEY[line["key"]]
@@ -229,12 +258,19 @@ def test_datacomp_suite_writes_datacomps_lines_and_group_averages(datacomp_dir, 
     assert {"acc_avg", "recall-macro_all", "F1-macro_all"} <= set(wild)
     assert wild["recall-macro_all"] == pytest.approx(wild["mean_per_class_recall"])
 
+    wino = by_key["misc/winogavil"]["metrics"]
+    assert wino["jaccard_score_10-12"] == pytest.approx(np.mean([wino["jaccard_score_10"], wino["jaccard_score_12"]]))
+    assert wino["jaccard_score_6"] is None and wino["jaccard_score_5"] is not None
+    assert wino["avg_jaccard_score"] == pytest.approx((2 * wino["jaccard_score_10"] + 2 * wino["jaccard_score_12"]
+                                                       + wino["jaccard_score_5"]) / 5)
+
     summary = json.loads((run / "datacomp_scores.json").read_text())
     status = {t["key"]: (t["status"], t["reason"]) for t in summary["tasks"]}
-    assert len(status) == 40 and sum(s == "evaluated" for s, _ in status.values()) == 8
+    assert len(status) == 40 and sum(s == "evaluated" for s, _ in status.values()) == 9
     assert status["wilds/fmow"][0] == "unusable" and ".npy metadata" in status["wilds/fmow"][1]
     assert status["imagenet-r"][0] == "unusable" and "zeroshot_classification_templates.txt" in status["imagenet-r"][1]
-    assert status["misc/winogavil"][0] == "unusable" and "nlphuji/winogavil" in status["misc/winogavil"][1]
+    mscoco = status["retrieval/mscoco_2014_5k_test_image_text_retrieval"]
+    assert mscoco[0] == "missing" and "nlphuji/mscoco_2014_5k_test_image_text_retrieval" in mscoco[1]
     assert status["fairness/fairface"][0] == "not scored"
     assert status["sun397"] == ("missing", f"no wds_sun397_test in {datacomp_dir}")
     main_of = {k: l["metrics"]["main_metric"] for k, l in by_key.items()}
@@ -244,13 +280,14 @@ def test_datacomp_suite_writes_datacomps_lines_and_group_averages(datacomp_dir, 
     assert groups["VTAB"]["value"] == pytest.approx(np.mean([main_of[k] for k in vtab]))
     assert (groups["VTAB"]["tasks_present"], groups["VTAB"]["tasks_total"]) == (3, 13)
     assert groups["ImageNet dist. shifts"]["value"] is None
-    assert groups["Retrieval"]["value"] == main_of["retrieval/flickr_1k_test_image_text_retrieval"]
+    assert groups["Retrieval"]["value"] == pytest.approx(
+        (main_of["retrieval/flickr_1k_test_image_text_retrieval"] + main_of["misc/winogavil"]) / 2)
     assert groups["Average"]["value"] == pytest.approx(np.mean(list(main_of.values())))
-    assert summary["all_38"] is False and summary["scored_tasks_present"] == 8
-    assert "[12/40] ImageNet 1k (imagenet1k): acc1 = " in err and "| VTAB |" in err and "8 of the 38" in err
+    assert summary["all_38"] is False and summary["scored_tasks_present"] == 9
+    assert "[12/40] ImageNet 1k (imagenet1k): acc1 = " in err and "| VTAB |" in err and "9 of the 38" in err
 
     # a rerun evaluates nothing again and keeps the table
     assert main(["--run", str(run), "--datacomp-dir", str(datacomp_dir)]) == []
-    assert len((run / "eval_results.jsonl").read_text().splitlines()) == 8
+    assert len((run / "eval_results.jsonl").read_text().splitlines()) == 9
     again = json.loads((run / "datacomp_scores.json").read_text())
-    assert again["groups"] == groups and sum(t["status"] == "earlier" for t in again["tasks"]) == 8
+    assert again["groups"] == groups and sum(t["status"] == "earlier" for t in again["tasks"]) == 9
