@@ -622,6 +622,9 @@ def evaluate(run: str | Path, *, tasks: Sequence[str] = (), imagenet: Path | Non
     `datacomp_dir`, also DataComp's suite, whose table and group averages go to
     `<out>/datacomp_scores.json` (and, with `log`, are printed)."""
     log = log or (lambda msg: None)
+    if datacomp_dir is not None and not Path(datacomp_dir).is_dir():
+        raise FileNotFoundError(f"--datacomp-dir {datacomp_dir}: no such folder (DataComp's "
+                                "download_evalsets.py DIR writes one)")
     out = Path(out) if out else default_out(run)
     out.mkdir(parents=True, exist_ok=True)
     results = out / RESULTS_FILE
@@ -657,8 +660,6 @@ def evaluate(run: str | Path, *, tasks: Sequence[str] = (), imagenet: Path | Non
         new.append({"key": key, "dataset": key, "metrics": metrics})
         log(f"{key}: main_metric = {_fmt(metrics['main_metric'])}")
     if datacomp_dir is not None:
-        if not Path(datacomp_dir).is_dir():
-            raise FileNotFoundError(f"--datacomp-dir {datacomp_dir}: no such folder")
         before = len(results.read_text().splitlines()) if results.is_file() else 0
         entries = evaluate_datacomp_suite(loaded, Path(datacomp_dir), out, batch_size=batch_size,
                                           device=device, log=log)
