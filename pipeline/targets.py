@@ -99,8 +99,8 @@ def resolve_targets(paths: Sequence[str | os.PathLike], *, model: str | None = N
         if path.is_dir():
             if model is None:
                 raise ModelInputError(f"--targets {path} is an image folder: give --targets-model (an "
-                                      "open_clip name with --targets-pretrained, a checkpoint, or a run "
-                                      "folder) to embed it")
+                                      "open_clip name with --targets-pretrained, a checkpoint, a run or "
+                                      "open_clip_train log folder, or local-dir:DIR) to embed it")
             model_key = _model_key(model, pretrained)
             key = hashlib.sha256(f"{path.resolve()}|{folder_fingerprint(path)}|{model}|{pretrained}|"
                                  f"{model_key}".encode()).hexdigest()[:16]

@@ -143,3 +143,19 @@ def test_scorer_and_targets_read_open_clip_train_checkpoints_and_local_dir(run, 
         got = _features(net, preprocess, tokenizer)
         assert all(torch.equal(a, b) for a, b in zip(got, ref)), (model, pretrained)
         assert desc["fingerprint"] != "random-init"
+
+
+def test_targets_embed_a_folder_with_local_dir_like_the_run(run, train_pool, tmp_path):
+    """pipeline.filter --targets-model local-dir:RUN embeds target images as the run folder does,
+    and caches them under a key of the folder's weights."""
+    from pipeline.targets import resolve_targets
+
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    (folder / "0.tar").write_bytes(next((train_pool / "eval" / "test").glob("*.tar")).read_bytes())
+    by_run, _ = resolve_targets([folder], model=str(run), dim=64, cache_dir=tmp_path / "cache")
+    by_local_dir, described = resolve_targets([folder], model=f"local-dir:{run}", dim=64,
+                                              cache_dir=tmp_path / "cache")
+    assert by_run.shape[1] == 64 and len(by_run) > 10
+    assert np.array_equal(by_run, by_local_dir)
+    assert described[0]["cache"] and Path(described[0]["cache"]).is_file()
