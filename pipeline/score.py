@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from pipeline.cluster import current_node
 from pools.cli import one_line_errors
-from pools.files import atomic_path, file_fingerprint, remove_stale_temporaries, write_json_atomic
+from pools.files import atomic_path, remove_stale_temporaries, write_json_atomic
 from pools.format import NPZ_DTYPE, NPZ_KEYS, SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
 from pools.uids import UID_DTYPE, uids_to_records
 
@@ -88,32 +88,27 @@ class ScoreConfig:
 def load_scoring_model(model: str, pretrained: str | None = None, device: str = "cpu"):
     """(model, preprocess, tokenizer, description) for a run folder, checkpoint or model name.
 
-    Run folders and checkpoints go through `trainer.models.load_model`; names through
-    `trainer.models.create_model` (ours or open_clip's), with weights only from `pretrained`:
+    A run folder, an open_clip_train log folder or checkpoint, or `local-dir:DIR` goes through
+    `trainer.checkpoint.load_eval_model`; a name (ours, open_clip's, or `local-dir:DIR` for the
+    architecture) takes its weights from `pretrained` (a checkpoint, a run or log folder):
     nothing is downloaded.
     """
-    from trainer.models import create_model, load_model
+    from trainer.checkpoint import LOCAL_DIR_PREFIX, load_eval_model
+    from trainer.models import create_model
 
-    path = Path(model)
-    if path.exists():
-        net, preprocess, tokenizer = load_model(path, device=device)
-        return net, preprocess, tokenizer, {"model": str(path), "fingerprint": _model_fingerprint(path)}
-    net, _, preprocess, tokenizer = create_model(model, pretrained=pretrained, device=device)
-    net.eval()
-    if pretrained is None:
+    if model.startswith(LOCAL_DIR_PREFIX) and pretrained is None or Path(model).exists():
+        loaded = load_eval_model(model, device=device)
+    elif pretrained is not None:
+        loaded = load_eval_model(pretrained, model_name=model, device=device)
+    else:
+        net, _, preprocess, tokenizer = create_model(model, device=device)
         print(f"warning: {model} has random weights (no --pretrained checkpoint given); its scores "
               "say nothing about image-text agreement", file=sys.stderr)
-    desc = {"model": model, "pretrained": pretrained,
-            "fingerprint": _model_fingerprint(Path(pretrained)) if pretrained else "random-init"}
-    return net, preprocess, tokenizer, desc
-
-
-def _model_fingerprint(path: Path) -> str:
-    if path.is_dir():
-        from trainer.models import latest_checkpoint
-
-        path = latest_checkpoint(path)
-    return file_fingerprint(path)
+        return net.eval(), preprocess, tokenizer, {"model": model, "pretrained": None,
+                                                   "fingerprint": "random-init"}
+    desc = {"model": model, "pretrained": pretrained, "weights": str(loaded.weights),
+            "fingerprint": loaded.fingerprint()}
+    return loaded.model, loaded.preprocess, loaded.tokenizer, desc
 
 
 def embed_width(model) -> int:

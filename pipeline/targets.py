@@ -4,8 +4,9 @@ DataComp's targets are the OpenAI CLIP ViT-L/14 image embeddings of ImageNet-1k'
 set, published as ``in1k_clip_vit_l14_{0..4}.pt``. `resolve_targets` accepts those files,
 ``.npy`` arrays of shape (n, 768), or a folder of images (``.jpg``/``.png``/... anywhere
 below it, or webdataset ``.tar`` shards) that it embeds with a CLIP model: an open_clip name
-with ``--targets-pretrained CHECKPOINT``, a checkpoint file, or a run folder from
-`trainer.train`. Embeddings computed from a folder are cached as ``.npy`` in the cache
+with ``--targets-pretrained`` (a checkpoint or an open_clip_train log folder), a checkpoint
+file, a run folder from `trainer.train` or `open_clip_train`, or ``local-dir:DIR``
+(`pipeline.score.load_scoring_model`). Embeddings computed from a folder are cached as ``.npy`` in the cache
 folder, keyed by the folder's file list and the model.
 
 Only the direction of a target matters (its nearest centroid is an argmax of inner
@@ -98,8 +99,8 @@ def resolve_targets(paths: Sequence[str | os.PathLike], *, model: str | None = N
         if path.is_dir():
             if model is None:
                 raise ModelInputError(f"--targets {path} is an image folder: give --targets-model (an "
-                                      "open_clip name with --targets-pretrained, a checkpoint, or a run "
-                                      "folder) to embed it")
+                                      "open_clip name with --targets-pretrained, a checkpoint, a run or "
+                                      "open_clip_train log folder, or local-dir:DIR) to embed it")
             model_key = _model_key(model, pretrained)
             key = hashlib.sha256(f"{path.resolve()}|{folder_fingerprint(path)}|{model}|{pretrained}|"
                                  f"{model_key}".encode()).hexdigest()[:16]
@@ -129,6 +130,11 @@ def resolve_targets(paths: Sequence[str | os.PathLike], *, model: str | None = N
 
 
 def _model_key(model: str, pretrained: str | None) -> str:
+    from trainer.checkpoint import LOCAL_DIR_PREFIX
+
+    if pretrained is None and model.startswith(LOCAL_DIR_PREFIX):  # open_clip's local folder
+        weights = sorted(Path(model[len(LOCAL_DIR_PREFIX):]).glob("*.safetensors"))
+        return file_fingerprint(weights[0]) if weights else "random-init"
     for candidate in (pretrained, model):
         if candidate and Path(candidate).exists():
             p = Path(candidate)

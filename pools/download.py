@@ -23,7 +23,6 @@ Images: ``img2dataset.download`` with DataComp's settings: webdataset output, 51
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import shutil

@@ -21,7 +21,8 @@ Written (see `pools.format` for the format)::
                                       follows --rows-per-file, not --samples)
     <out>/shards/{:08d}.tar|.parquet|_stats.json   webdataset shards as img2dataset writes them
     <out>/eval/                       held-out eval set of the same concepts (DataComp's wds
-                                      layout: test/0.tar, classnames.txt, templates)
+                                      layout: test/{0..3}.tar, test/nshards.txt, classnames.txt,
+                                      zeroshot_classification_templates.txt)
     <out>/ground_truth.parquet        each sample's true noise label (never in metadata/)
     <out>/pool.json                   parameters and the generated composition
 
@@ -40,7 +41,6 @@ import sys
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -559,27 +559,35 @@ EVAL_TEMPLATES = ("a photo of a {c}.", "a drawing of a {c}.", "a {c} icon.", "a 
                   "a {c} on a background.")
 
 
-def write_eval_set(out: Path, *, seed: int, per_class: int, image_px: int = 64) -> int:
+EVAL_SHARDS = 4  # DataComp's evaluation reads with 4 loader workers: webdataset needs >= 4 shards
+
+
+def write_eval_set(out: Path, *, seed: int, per_class: int, image_px: int = 64,
+                   shards: int = EVAL_SHARDS) -> int:
     """Held-out eval set in DataComp's webdataset layout; returns the number of images.
 
-    Layout: `test/0.tar` (`<key>.jpg` + `<key>.cls`), `test/nshards.txt`, `classnames.txt`,
-    `zeroshot_classification_templates.txt` (templates use `{c}` as DataComp's do).
+    Layout (what DataComp's `download_evalsets.py` writes, so its `evaluate.py` reads it):
+    `test/0.tar` .. `test/<shards-1>.tar` (`<key>.jpg` + `<key>.cls`, the images dealt to the
+    shards in turn), `test/nshards.txt`, `classnames.txt`, `zeroshot_classification_templates.txt`
+    (templates use `{c}` as DataComp's do).
     """
     (out / "test").mkdir(parents=True, exist_ok=True)
-    count = 0
-    with atomic_path(out / "test" / "0.tar") as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for concept in range(len(CONCEPTS)):
-            for j in range(per_class):
-                rng = np.random.default_rng([seed, 5, concept, j])
-                jpg = encode_jpeg(render_concept(concept, rng, width=image_px, height=image_px))
-                key = f"{count:06d}"
+    samples = []
+    for concept in range(len(CONCEPTS)):
+        for j in range(per_class):
+            rng = np.random.default_rng([seed, 5, concept, j])
+            samples.append((f"{len(samples):06d}", concept,
+                            encode_jpeg(render_concept(concept, rng, width=image_px, height=image_px))))
+    for shard in range(shards):
+        with atomic_path(out / "test" / f"{shard}.tar") as tmp, \
+                tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, concept, jpg in samples[shard::shards]:
                 _tar_add(tar, f"{key}.jpg", jpg)
                 _tar_add(tar, f"{key}.cls", str(concept).encode())
-                count += 1
-    (out / "test" / "nshards.txt").write_text("1\n")
+    (out / "test" / "nshards.txt").write_text(f"{shards}\n")
     (out / "classnames.txt").write_text("".join(concept_name(c) + "\n" for c in range(len(CONCEPTS))))
     (out / "zeroshot_classification_templates.txt").write_text("".join(t + "\n" for t in EVAL_TEMPLATES))
-    return count
+    return len(samples)
 
 
 def _file_stems(cfg: SynthConfig, num_files: int) -> list[str]:

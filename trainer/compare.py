@@ -18,8 +18,10 @@ Reads, per run folder (written by `trainer.train`, then `trainer.evaluate`):
 Runs of the same strategy, data, scale, model and budget are one row: mean ± sample std over
 them (several training seeds) and their count n. Rows are sorted by the main metric, best
 first: ImageNet top-1 when every run has ``imagenet1k``, else top-1 of the first task every
-run has. DataComp's average (the mean of ``main_metric`` over its 38 tasks) is filled only
-for runs evaluated on all 38.
+run has. The group averages of DataComp's ``aggregate_scores.py`` (ImageNet dist. shifts,
+VTAB, Retrieval; `trainer.datacomp_tasks`) are columns where some row has a whole group, filled
+for rows whose every run has it; DataComp's average (the mean of ``main_metric`` over its 38
+tasks) is filled only for runs evaluated on all 38.
 
 Writes to ``--out`` (atomically): ``comparison.md`` (also printed), ``comparison.csv`` (one
 row per strategy, numbers unformatted), ``comparison_runs.csv`` (one row per run),
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import Sequence
 
 from pools.files import atomic_path, write_json_atomic
+from trainer.datacomp_tasks import (AVERAGE, GROUP_TASKS, GROUPS, IMAGENET_GROUP, MAIN_METRICS,
+                                    aggregate_scores, main_metric_values)
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
@@ -51,25 +55,11 @@ IMAGENET_KEY = "imagenet1k"
 OUTPUT_FILES = {"markdown": "comparison.md", "csv": "comparison.csv", "runs_csv": "comparison_runs.csv",
                 "chart": "comparison.png", "json": "comparison.json"}
 
-# DataComp's 38 scored tasks (tasklist.yml, reference section 6): key -> main_metric.
-# FairFace and UTKFace have no main metric and do not count.
-DATACOMP_TASKS: dict[str, str] = {
-    "vtab/caltech101": "mean_per_class_recall", "cifar10": "acc1", "vtab/cifar100": "acc1",
-    "vtab/clevr_count_all": "acc1", "vtab/clevr_closest_object_distance": "acc1",
-    "country211": "acc1", "vtab/dtd": "acc1", "vtab/eurosat": "acc1",
-    "fgvc_aircraft": "mean_per_class_recall", "food101": "acc1", "gtsrb": "acc1",
-    "imagenet1k": "acc1", "imagenet_sketch": "acc1", "imagenetv2": "acc1", "imagenet-a": "acc1",
-    "imagenet-o": "acc1", "imagenet-r": "acc1", "vtab/kitti_closest_vehicle_distance": "acc1",
-    "mnist": "acc1", "objectnet": "acc1", "vtab/flowers": "mean_per_class_recall",
-    "vtab/pets": "mean_per_class_recall", "voc2007": "acc1", "vtab/pcam": "acc1",
-    "renderedsst2": "acc1", "vtab/resisc45": "acc1", "cars": "acc1", "stl10": "acc1",
-    "sun397": "acc1", "vtab/svhn": "acc1", "retrieval/flickr30k": "mean_recall@1",
-    "retrieval/mscoco_2014_5k_test_image_text_retrieval": "mean_recall@1",
-    "misc/winogavil": "jaccard_score_10-12", "wilds/iwildcam": "F1-macro_all",
-    "wilds/camelyon17": "acc1", "wilds/fmow": "acc_worst_region",
-    "fairness/dollar_street": "acc_top5_wg", "fairness/geode": "acc_wg",
-}
-assert len(DATACOMP_TASKS) == 38
+# DataComp's 38 scored tasks, key -> main metric, and aggregate_scores.py's groups: one table,
+# trainer.datacomp_tasks, which trainer.evaluate --datacomp-dir also reads.
+DATACOMP_TASKS = MAIN_METRICS
+# The groups shown as columns; "ImageNet" is imagenet1k alone, already the main metric.
+GROUP_COLUMNS = tuple(g for g in GROUPS if g != IMAGENET_GROUP)
 MAIN_METRIC_ALIAS = "main_metric"
 SEED_SUFFIX = re.compile(r"[-_]seed[-_]?\d+$")
 
@@ -142,6 +132,8 @@ class StrategyRow:
     main: Stat
     metrics: dict[str, Stat | None]  # column header -> stat (None: a run lacks it)
     average: Stat | None  # DataComp's 38-task average (None unless every run has all 38)
+    # aggregate_scores.py's group means (GROUP_COLUMNS); None unless every run has the whole group
+    groups: dict[str, Stat | None] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -176,6 +168,7 @@ class Comparison:
         rows = tuple(StrategyRow(**{**r, "runs": tuple(r["runs"]), "seeds": tuple(r["seeds"]),
                                     "spec": spec(r.get("spec")),
                                     "main": stat(r["main"]), "average": stat(r["average"]),
+                                    "groups": {k: stat(v) for k, v in r.get("groups", {}).items()},
                                     "metrics": {k: stat(v) for k, v in r["metrics"].items()}})
                      for r in d["rows"])
         return cls(main=MetricColumn(**d["main"]), main_rule=d["main_rule"],
@@ -384,14 +377,13 @@ def other_columns(runs: Sequence[RunRecord], main: MetricColumn) -> tuple[Metric
 
 def datacomp_average(results: dict[str, dict[str, float]]) -> float | None:
     """DataComp's average: the mean main metric over its 38 tasks; None unless all are present."""
-    values = []
-    for task, metric in DATACOMP_TASKS.items():
-        m = results.get(task, {})
-        v = m.get(MAIN_METRIC_ALIAS, m.get(metric))
-        if v is None:
-            return None
-        values.append(v)
-    return sum(values) / len(values)
+    return group_average(results, AVERAGE)
+
+
+def group_average(results: dict[str, dict[str, float]], group: str) -> float | None:
+    """One of aggregate_scores.py's numbers for a run; None unless the run has the whole group."""
+    score = aggregate_scores(main_metric_values(results))[group]
+    return score.value if score.complete else None
 
 
 def summarise(values: Sequence[float | None]) -> Stat | None:
@@ -454,7 +446,8 @@ def compare_records(runs: Sequence[RunRecord], notes: Sequence[str] = ()) -> Com
             subset_size=first.subset_size, with_image=first.with_image, spec=first.spec,
             main=summarise([_value(r, main) for r in g]),
             metrics={c.header: summarise([_value(r, c) for r in g]) for c in columns},
-            average=summarise([datacomp_average(r.results) for r in g])))
+            average=summarise([datacomp_average(r.results) for r in g]),
+            groups={grp: summarise([group_average(r.results, grp) for r in g]) for grp in GROUP_COLUMNS}))
     rows.sort(key=lambda row: (-row.main.mean, row.label))
     return Comparison(main=main, main_rule=rule, columns=columns, rows=tuple(rows), runs=tuple(runs),
                       footnotes=tuple(_footnotes(runs, rows, notes)))
@@ -470,6 +463,11 @@ def _footnotes(runs: Sequence[RunRecord], rows: Sequence[StrategyRow], notes: Se
                     f"{len(runs)} run(s) were not (they have {len(have)} of the 38"
                     f"{': ' + ', '.join(have) if have else ''})")
     out = [average + "."]
+    shown = shown_groups(rows)
+    if shown:
+        out.append("group averages as DataComp's aggregate_scores.py computes them ("
+                   + ", ".join(f"{g}: {len(GROUP_TASKS[g])} tasks" for g in shown)
+                   + "), filled where every run of the row was evaluated on the whole group.")
     short = [row for row in rows if row.with_image and row.subset_size and row.with_image < row.subset_size]
     if short:
         out.append("subset size counts the subset's unique uids, 'with image' those whose image is in the "
@@ -500,16 +498,24 @@ def _fmt_int(v: int | None) -> str:
     return f"{v:,}" if v is not None else ""
 
 
+def shown_groups(rows: Sequence[StrategyRow]) -> list[str]:
+    """The group columns some row has a value for."""
+    return [g for g in GROUP_COLUMNS if any(row.groups.get(g) is not None for row in rows)]
+
+
 def table_cells(c: Comparison) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells of the comparison table (markdown and the HTML report)."""
+    groups = shown_groups(c.rows)
     headers = ["strategy", "n", "seeds", "subset size", "with image", "samples seen", "repeats per sample",
-               f"{c.main.header} ¹", *[col.header for col in c.columns], "DataComp average (38 tasks) ²"]
+               f"{c.main.header} ¹", *[col.header for col in c.columns],
+               *[f"{g} ({len(GROUP_TASKS[g])} tasks)" for g in groups], "DataComp average (38 tasks) ²"]
     rows = []
     for row in c.rows:
         rows.append([row.label, str(row.n), ", ".join("?" if s is None else str(s) for s in row.seeds),
                      _fmt_int(row.subset_size), _fmt_int(row.with_image), _fmt_int(row.samples_seen),
                      f"{row.repeats:.2f}" if row.repeats is not None else "", fmt_stat(row.main),
-                     *[fmt_stat(row.metrics[col.header]) for col in c.columns], fmt_stat(row.average)])
+                     *[fmt_stat(row.metrics[col.header]) for col in c.columns],
+                     *[fmt_stat(row.groups.get(g)) for g in groups], fmt_stat(row.average)])
     return headers, rows
 
 
@@ -541,6 +547,9 @@ def csv_rows(c: Comparison) -> list[list[str]]:
             "repeats_per_sample", "main_task", "main_metric", "main_mean", "main_std"]
     for col in c.columns:
         head += [f"{col.header} mean", f"{col.header} std"]
+    groups = shown_groups(c.rows)
+    for g in groups:
+        head += [f"{g} mean", f"{g} std"]
     head += ["datacomp_average_mean", "datacomp_average_std", "description", "spec_hash", "runs"]
     out = [head]
     for row in c.rows:
@@ -550,6 +559,9 @@ def csv_rows(c: Comparison) -> list[list[str]]:
                 _num(row.main.mean), _num(row.main.std)]
         for col in c.columns:
             s = row.metrics[col.header]
+            line += [_num(s.mean if s else None), _num(s.std if s else None)]
+        for g in groups:
+            s = row.groups.get(g)
             line += [_num(s.mean if s else None), _num(s.std if s else None)]
         line += [_num(row.average.mean if row.average else None),
                  _num(row.average.std if row.average else None), *_spec_cells(row.spec), ";".join(row.runs)]
@@ -561,12 +573,13 @@ def runs_csv_rows(c: Comparison) -> list[list[str]]:
     """One row per run: its own values, before averaging over seeds."""
     head = ["run", "strategy", "seed", "scale", "model", "standard", "subset_size", "with_image", "samples_seen",
             "repeats_per_sample", f"{c.main.task} {c.main.metric}", *[col.header for col in c.columns],
-            "datacomp_average", "spec_hash"]
+            *shown_groups(c.rows), "datacomp_average", "spec_hash"]
     out = [head]
     for r in sorted(c.runs, key=lambda r: (r.strategy, r.seed if r.seed is not None else -1, r.run)):
         out.append([r.run, r.strategy, _num(r.seed), r.scale, r.model, str(r.standard).lower(),
                     _num(r.subset_size), _num(r.with_image), str(r.samples_seen), _num(r.repeats),
                     _num(_value(r, c.main)), *[_num(_value(r, col)) for col in c.columns],
+                    *[_num(group_average(r.results, g)) for g in shown_groups(c.rows)],
                     _num(datacomp_average(r.results)), _spec_cells(r.spec)[1]])
     return out
 

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from pools.files import atomic_path, write_json_atomic
-from trainer.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from trainer.checkpoint import find_resume, load_checkpoint, save_checkpoint, write_open_clip_dir
 from trainer.config import (TRAIN_SCALES, TrainConfig, apply_overrides, aug_cfg_for_open_clip,
                             budget_overrides, get_train_scale)
 from trainer.data import StreamSpec, epoch_loader, epoch_plan, expand_shards, rank_share
@@ -269,6 +269,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
             save_checkpoint(out, state, keep_numbered=not cfg.delete_previous_checkpoint)
+            write_open_clip_dir(out, bare, record["model_cfg"])  # `local-dir:<run>` for open_clip
         barrier(env)
     bar.close()
     if writer is not None:

@@ -110,10 +110,29 @@ def test_eval_set_layout(small_pool):
     templates = (eval_dir / "zeroshot_classification_templates.txt").read_text().splitlines()
     assert len(classnames) == len(CONCEPTS) and classnames[0] == "red square"
     assert all("{c}" in t for t in templates)
-    assert (eval_dir / "test" / "nshards.txt").read_text().strip() == "1"
-    samples = list(wds.WebDataset(str(eval_dir / "test" / "0.tar"), shardshuffle=False))
+    nshards = int((eval_dir / "test" / "nshards.txt").read_text())
+    assert nshards == 4 and sorted(p.name for p in (eval_dir / "test").glob("*.tar")) == \
+        ["0.tar", "1.tar", "2.tar", "3.tar"]
+    samples = list(wds.WebDataset(str(eval_dir / "test" / f"{{0..{nshards - 1}}}.tar"), shardshuffle=False))
     labels = [int(s["cls"]) for s in samples]
-    assert len(samples) == 3 * len(CONCEPTS)
+    assert len(samples) == 3 * len(CONCEPTS) and len({s["__key__"] for s in samples}) == len(samples)
+    assert np.bincount(labels).tolist() == [3] * len(CONCEPTS)
+
+
+def test_eval_set_reads_as_datacomps_loader_does(small_pool):
+    """DataComp's evaluation (clip_benchmark's wds builder) reads `test/{0..n-1}.tar` from
+    nshards.txt with 4 loader workers; webdataset splits the shards over them (newer versions
+    refuse fewer shards than workers): each worker gets one and every sample comes once."""
+    import torch
+    test = small_pool / "eval" / "test"
+    n = int((test / "nshards.txt").read_text().strip())
+    dataset = wds.WebDataset(str(test / f"{{0..{n - 1}}}.tar"), shardshuffle=False).to_tuple("__key__", "cls")
+    loader = torch.utils.data.DataLoader(dataset.batched(8), batch_size=None, shuffle=False, num_workers=4)
+    keys, labels = [], []
+    for batch_keys, batch_labels in loader:
+        keys += list(batch_keys)
+        labels += [int(l) for l in batch_labels]
+    assert sorted(keys) == [f"{i:06d}" for i in range(3 * len(CONCEPTS))]
     assert np.bincount(labels).tolist() == [3] * len(CONCEPTS)
 
 

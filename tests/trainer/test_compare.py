@@ -242,3 +242,31 @@ def test_two_specs_under_one_name_are_two_rows(tmp_path):
     assert [(r[table[0].index("description")], r[table[0].index("spec_hash")]) for r in table[1:]] == \
         [("top 10%", "1" * 64), ("top 30%", "0" * 64)]
     assert load_comparison(tmp_path / "out").rows == c.rows
+
+
+def test_group_averages_of_aggregate_scores(tmp_path):
+    from trainer.datacomp_tasks import GROUP_TASKS
+    rng = np.random.default_rng(1)
+    full = {task: {metric: float(v), "main_metric": float(v)}
+            for (task, metric), v in zip(DATACOMP_TASKS.items(), rng.uniform(0, 1, 38))}
+    vtab_only = {k: full[k] for k in ("imagenet1k", *GROUP_TASKS["VTAB"])}
+    no_svhn = {k: v for k, v in vtab_only.items() if k != "vtab/svhn"}
+    a = make_run(tmp_path, "full", make_data(tmp_path, "clip", unique=10, with_image=10), full)
+    b = make_run(tmp_path, "vtab", make_data(tmp_path, "basic", unique=10, with_image=10), vtab_only)
+    c_ = make_run(tmp_path, "part", make_data(tmp_path, "text", unique=10, with_image=10), no_svhn)
+    c = compare_runs([a, b, c_], tmp_path / "out")
+    by = {r.strategy: r for r in c.rows}
+    vtab = np.mean([full[k]["main_metric"] for k in GROUP_TASKS["VTAB"]])
+    assert by["clip"].groups["VTAB"].mean == pytest.approx(vtab) == by["basic"].groups["VTAB"].mean
+    assert by["text"].groups["VTAB"] is None  # SVHN missing: not VTAB's number
+    shifts = np.mean([full[k]["main_metric"] for k in GROUP_TASKS["ImageNet dist. shifts"]])
+    assert by["clip"].groups["ImageNet dist. shifts"].mean == pytest.approx(shifts)
+    assert by["basic"].groups["Retrieval"] is None and by["basic"].average is None
+    headers, rows = parse_markdown((tmp_path / "out" / "comparison.md").read_text())
+    assert headers[-4:] == ["ImageNet dist. shifts (6 tasks)", "VTAB (13 tasks)", "Retrieval (3 tasks)",
+                            "DataComp average (38 tasks) ²"]
+    row = {r[0]: r for r in rows}
+    assert row["basic"][-3] == f"{vtab:.4f}" and row["text"][-3] == "" and row["basic"][-1] == ""
+    assert row["clip"][-1] == f"{np.mean([m['main_metric'] for m in full.values()]):.4f}"
+    assert any("aggregate_scores.py" in f for f in c.footnotes)
+    assert load_comparison(tmp_path / "out").rows[0].groups == c.rows[0].groups
