@@ -140,3 +140,27 @@ def test_empty_or_missing_data_is_one_line(small_pool, tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: {data}: no training shards there") and says in last, last
+
+
+def test_a_full_disk_names_the_checkpoint(tmp_path, monkeypatch):
+    """torch.save into a full disk (/dev/full: every write fails with ENOSPC) is an OSError naming
+    the checkpoint and saying how to go on, not torch's `basic_ios::clear` with no path."""
+    import errno
+
+    import torch
+
+    import trainer.checkpoint as ckpt
+
+    real_save = torch.save
+
+    def save_to_full_disk(state, f):
+        with open("/dev/full", "wb") as full:
+            real_save(state, full)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_to_full_disk)
+    with pytest.raises(OSError) as info:
+        ckpt.save_checkpoint(tmp_path, {"epoch": 1, "state_dict": {"w": torch.zeros(1000)}})
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value).startswith(f"[Errno 28] {tmp_path}/checkpoints/epoch_1.pt: cannot write the checkpoint")
+    assert "--resume latest" in str(info.value)
+    assert not list((tmp_path / "checkpoints").iterdir())  # nothing half-written left
