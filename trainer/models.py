@@ -18,6 +18,8 @@ A run folder written by `trainer.train` holds (the on-disk contract other tools 
     <run>/checkpoints/epoch_<n>.pt        open_clip_train's layout: {"epoch", "name",
     <run>/checkpoints/epoch_latest.pt      "state_dict", "optimizer", ...} plus "model_name"
                                            and "model_cfg" so a lone file is self-describing
+    <run>/open_clip_config.json           open_clip's local folder (`local-dir:<run>`): model_cfg
+    <run>/open_clip_model.safetensors      and preprocess_cfg, and the latest weights
 
 so that `open_clip.add_model_config(run / "model_configs")` followed by
 `open_clip.create_model_and_transforms(NAME, pretrained=str(checkpoint))` loads it, as
