@@ -47,7 +47,8 @@ from pools.files import remove_stale_temporaries, sha256_file, write_json_atomic
 from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
                           score_fix)
 from pools.scales import SCALES, get_scale
-from pools.uids import RepeatedKeys, SubsetWriter, records_from_halves, uid_keys, uids_to_records
+from pools.uids import (RepeatedKeys, SubsetWriter, halves_keys, records_from_halves, uid_keys,
+                        uids_to_records)
 
 from pipeline.strategies import (ALIASES, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, evaluate_steps,
                                  groups_needed, required_metadata, resolve_strategies, selection_values,
@@ -447,9 +448,7 @@ class RepeatedUids:
 def _row_keys(path: Path, table: pa.Table) -> np.ndarray:
     """`pools.uids.uid_keys` of every row: from the signals' uid halves or the uid strings."""
     if "uid_hi" in table.column_names:
-        hi, lo = to_numpy(table.column("uid_hi")), to_numpy(table.column("uid_lo"))
-        with np.errstate(over="ignore"):
-            return hi * np.uint64(0x9E3779B97F4A7C15) ^ lo * np.uint64(0xC2B2AE3D27D4EB4F)
+        return halves_keys(to_numpy(table.column("uid_hi")), to_numpy(table.column("uid_lo")))
     try:
         return uid_keys(table.column("uid"))
     except ValueError as exc:
@@ -483,8 +482,8 @@ def find_repeated_uids(source: TableSource, spill_dir: Path) -> RepeatedUids:
             records[path] = _uid_records(table, wanted[path], [(path, table.num_rows)])
     exact = np.concatenate([records[sizes[i][0]] for i in np.unique(file_of)])
     order = np.lexsort((candidates, exact["f1"], exact["f0"]))  # equal uids together, first place first
-    same = exact[order][1:] == exact[order][:-1]
-    repeats = np.sort(candidates[order[1:][same]])
+    records, positions = exact[order], candidates[order]
+    repeats = np.sort(positions[1:][records[1:] == records[:-1]])
     if not len(repeats):
         return RepeatedUids({})  # only keys collided
 
@@ -492,12 +491,12 @@ def find_repeated_uids(source: TableSource, spill_dir: Path) -> RepeatedUids:
         i = int(np.searchsorted(starts, position, side="right")) - 1
         return f"{sizes[i][0]} row {position - starts[i]}"
 
-    j = int(np.flatnonzero(same)[np.argmin(candidates[order[1:][same]])])  # the earliest repeat in the pool
-    again = int(candidates[order[j + 1]])
-    first = int(candidates[order[np.flatnonzero(~np.concatenate([[False], same[:j + 1]]))[-1]]])
+    again = int(repeats[0])  # the earliest repeat in the pool, and the first row with its uid
+    record = records[positions == again]
+    first = int(positions[records == record[0]].min())
     from pools.uids import records_to_uids
 
-    uid = records_to_uids(exact[order][j:j + 1])[0]
+    uid = records_to_uids(record)[0]
     rows = {}
     owner = np.searchsorted(starts, repeats, side="right") - 1
     for i in np.unique(owner):

@@ -93,6 +93,13 @@ def uid_keys(uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return key
 
 
+def halves_keys(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """`uid_keys` for uids given as upper and lower 64-bit halves (equal for equal uids; not
+    the keys `uid_keys` gives for the same uids as strings)."""
+    with np.errstate(over="ignore"):
+        return hi * _MIX[0] ^ lo * _MIX[1]
+
+
 def records_to_uids(records: np.ndarray) -> list[str]:
     """Convert ``u8,u8`` records back to 32-char lowercase hex uids."""
     records = np.asarray(records)
