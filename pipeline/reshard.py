@@ -50,6 +50,7 @@ from typing import Iterator, Mapping
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.cluster import RayStartError, current_node, join_ray
 from pools.cli import one_line_errors
 from pools.files import atomic_path, file_fingerprint, remove_stale_temporaries, write_json_atomic
 from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool, PoolFormatError
@@ -277,8 +278,6 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int, o
         except _BadShard as bad:
             failed.append({"shard": Path(bad.shard.path).name, "path": bad.shard.path,
                            "expected_samples": bad.shard.size, "reason": bad.reason})
-    from pipeline.cluster import current_node
-
     result = {"task_id": task.task_id, **result, "node": current_node(), "input_shards_failed": failed,
               "skip_samples": sorted(skip_samples)}
     folder = Path(part_dir)
@@ -421,8 +420,6 @@ def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int,
                 bar.update(results[task.task_id]["processed_count"])
         else:
             import ray
-
-            from pipeline.cluster import join_ray
 
             join_ray(cfg.ray_address, num_cpus=cfg.num_workers)
             remote = ray.remote(num_cpus=1, max_retries=1)(reshard_task)
@@ -661,8 +658,6 @@ def main(argv: list[str] | None = None) -> dict:
                             on_duplicate_uid=args.on_duplicate_uid)
     except ValueError as exc:
         parser.error(str(exc))
-    from pipeline.cluster import RayStartError
-
     with one_line_errors(argv, ReshardError, PoolFormatError, RayStartError, OSError):  # inputs and outputs; anything else is a bug
         meta = reshard(cfg)
     print(describe(meta))
