@@ -465,11 +465,9 @@ def find_repeated_uids(source: TableSource, spill_dir: Path) -> RepeatedUids:
     """
     keys = RepeatedKeys(spill_dir)
     sizes = []
-    position = 0
     for path, table in source:
-        keys.add(_row_keys(path, table), position)
+        keys.add(_row_keys(path, table))
         sizes.append((path, table.num_rows))
-        position += table.num_rows
     candidates = keys.repeated_positions()  # pool positions, in pool order
     if not len(candidates):
         return RepeatedUids({})

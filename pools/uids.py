@@ -348,24 +348,31 @@ class RepeatedKeys:
         from pools.files import owner_tag
 
         self._budget = max(1, (budget_bytes or SPILL_BYTES) // KEY_POSITION.itemsize)
-        self._parts: list[np.ndarray] = []
+        self._keys: list[np.ndarray] = []  # consecutive positions from self._first: only keys are held
+        self._first = 0
         self._buffered = 0
         self._dir = Path(folder) / f".uid-keys-{owner_tag()}"
         self._spilled = False
         shutil.rmtree(self._dir, ignore_errors=True)  # what an earlier search of this process left after an error
 
-    def add(self, keys: np.ndarray, first_position: int) -> None:
-        part = np.empty(len(keys), dtype=KEY_POSITION)
-        part["key"] = keys
-        part["position"] = np.arange(first_position, first_position + len(keys))
-        self._parts.append(part)
-        self._buffered += len(part)
+    def add(self, keys: np.ndarray) -> None:
+        """The keys of the next positions (the first call's start at 0)."""
+        self._keys.append(keys)
+        self._buffered += len(keys)
         if self._buffered >= self._budget:
             self._spill()
 
+    def _held(self) -> np.ndarray:
+        keys = np.concatenate(self._keys) if self._keys else np.empty(0, np.uint64)
+        data = np.empty(len(keys), dtype=KEY_POSITION)
+        data["key"] = keys
+        data["position"] = np.arange(self._first, self._first + len(keys))
+        self._first += len(keys)
+        self._keys, self._buffered = [], 0
+        return data
+
     def _spill(self) -> None:
-        data = np.concatenate(self._parts)
-        self._parts, self._buffered = [], 0
+        data = self._held()
         self._dir.mkdir(parents=True, exist_ok=True)
         bucket = (data["key"] >> np.uint64(64 - self.PARTITION_BITS)).astype(np.int64)
         order = np.argsort(bucket, kind="stable")
@@ -383,13 +390,17 @@ class RepeatedKeys:
 
         try:
             if not self._spilled:
-                return _repeated(np.concatenate(self._parts) if self._parts else np.empty(0, KEY_POSITION))
-            if self._parts:
+                keys = np.concatenate(self._keys) if self._keys else np.empty(0, np.uint64)
+                ordered = np.sort(keys)
+                if not (ordered[1:] == ordered[:-1]).any():
+                    return np.empty(0, np.int64)  # the usual case: no key twice, nothing more to build
+                return _repeated(self._held())
+            if self._keys:
                 self._spill()
             found = [_repeated(np.fromfile(p, dtype=KEY_POSITION)) for p in sorted(self._dir.glob("*.bin"))]
             return np.sort(np.concatenate(found)) if found else np.empty(0, np.int64)
         finally:
-            self._parts = []
+            self._keys = []
             shutil.rmtree(self._dir, ignore_errors=True)
 
 

@@ -134,6 +134,6 @@ def test_repeated_keys_in_memory_and_partitioned_on_disk(tmp_path, budget):
     keys[[7, 4000, 4999]] = keys[[3, 3, 10]]
     found = RepeatedKeys(tmp_path, budget_bytes=budget)
     for i in range(0, len(keys), 300):
-        found.add(keys[i:i + 300], i)
+        found.add(keys[i:i + 300])
     assert found.repeated_positions().tolist() == [3, 7, 10, 4000, 4999]
     assert list(tmp_path.iterdir()) == []
