@@ -49,7 +49,7 @@ from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, n
 from pools.scales import SCALES, get_scale
 from pools.uids import records_from_halves, uid_keys, uids_to_records, write_subset
 
-from pipeline.strategies import (ALIASES, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, evaluate_steps,
+from pipeline.strategies import (ALIASES, BUILTIN_SPECS, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, evaluate_steps,
                                  groups_needed, required_metadata, resolve_strategies, selection_values,
                                  signals_needed, with_members)
 
@@ -116,6 +116,15 @@ class FilterConfig:
     keep_first_duplicate: bool = False  # a uid in two rows: keep the first (True) or stop naming both
     all_requested: bool = False  # --strategy all: image strategies without inputs are skipped
     progress: bool = True
+    # global steps (pipeline.semdedup, pipeline.negclip): run when a strategy reads their columns
+    semdedup_embedding: str = "l14_img"
+    semdedup_clusters: int | None = None  # default sqrt(rows with an embedding)
+    semdedup_keep: str = "clip"
+    semdedup_seed: int = 0
+    negclip_batch_size: int = 32_768
+    negclip_batches: int = 10
+    negclip_tau: float = 0.01
+    negclip_seed: int = 0
 
     @property
     def signals(self) -> Path:
@@ -239,6 +248,7 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
                  ) -> tuple[dict[str, str], Path | None]:
     """Strategy -> why its signals cannot be computed (npz keys, centroids, targets), and the
     centroids file when some strategy needs it."""
+    from pipeline.models import MODELS
     from pipeline.signals import SIGNAL_GROUPS
 
     reasons: dict[str, str] = {}
@@ -247,7 +257,8 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
     for name, spec in specs.items():
         groups = groups_needed(_closure(spec, specs))
         needs = [f"npz:{k}" for g in groups for k in SIGNAL_GROUPS[g].npz_keys]
-        needs += [f"model:{m}" for g in groups for m in SIGNAL_GROUPS[g].models if m in ("centroids", "target_centroids")]
+        needs += [f"model:{m}" for g in groups for m in SIGNAL_GROUPS[g].models
+                  if m == "centroids" or MODELS[m].needs_targets]
         for need in dict.fromkeys(needs):
             if need not in checked:
                 if need.startswith("npz:"):
@@ -266,6 +277,54 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
                 reasons[name] = checked[need]
                 break
     return reasons, centroids_path
+
+
+def run_global_steps(cfg: FilterConfig, files: Sequence[Path], groups: Sequence[str]) -> tuple[dict, dict]:
+    """Run (or reuse) every global step a needed signal group reads (`pipeline.global_steps`):
+    {step: result folder}, and {step: its counts (result.json)} for stats.json."""
+    from pipeline.global_steps import GLOBAL_STEPS, StepResult, run_global_step
+    from pipeline.signals import SIGNAL_GROUPS
+
+    needed = [m for g in groups for m in SIGNAL_GROUPS[g].models if m in GLOBAL_STEPS]
+    folders, counts = {}, {}
+    for name in dict.fromkeys(needed):
+        step = GLOBAL_STEPS[name]
+        settings = step.settings(cfg)
+        t = time.perf_counter()
+        folders[name] = str(run_global_step(name, files, settings, cfg.signals, log=lambda m: _log(cfg, m)))
+        record = StepResult(folders[name]).record
+        counts[name] = {k: v for k, v in record.items() if k not in ("inputs", "step")}
+        _log(cfg, f"{name}: {record.get('rows', 0):,} rows, {record.get('rows_without_embedding', 0):,} without "
+                  f"an embedding (never duplicates, NaN scores) ({time.perf_counter() - t:.1f}s)")
+    return folders, counts
+
+
+def prepare_normsim_targets(cfg: FilterConfig, groups: Sequence[str], device: str | None) -> str | None:
+    """The --targets NormSim reads, resolved once (files or an embedded image folder) into
+    ``<signals>/global/normsim_targets/<hash>.npy``, when a needed group reads them."""
+    import hashlib
+
+    from pipeline.models import MODELS
+    from pipeline.signals import SIGNAL_GROUPS
+    from pipeline.targets import resolve_targets
+    from pools.files import atomic_path
+    from pools.format import NPZ_KEYS
+
+    # (the groups that compare embeddings with the targets themselves, not through centroids)
+    used = [g for g in groups if SIGNAL_GROUPS[g].npz_keys and any(MODELS[m].needs_targets
+                                                                  for m in SIGNAL_GROUPS[g].models)]
+    if not used:
+        return None
+    width = NPZ_KEYS[SIGNAL_GROUPS[used[0]].npz_keys[0]]
+    targets, _ = resolve_targets(cfg.targets, model=cfg.targets_model, pretrained=cfg.targets_pretrained,
+                                 device=device or "cpu", dim=width)
+    targets = np.ascontiguousarray(targets, dtype=np.float32)
+    path = cfg.signals / "global" / "normsim_targets" / f"{hashlib.sha256(targets.tobytes()).hexdigest()[:16]}.npy"
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, targets)
+    return str(path)
 
 
 def load_image_inputs(cfg: FilterConfig, centroids_path: Path, device: str | None) -> ImageInputs:
@@ -674,17 +733,23 @@ def _run(cfg: FilterConfig) -> dict:
         _log(cfg, f"image-based: {len(image_inputs.target_ids)} of {len(image_inputs.centroids)} "
                   "centroids are nearest to a target")
 
-    # 1. signals
+    # 1. signals (after the global steps whose results some of them hand out)
     from pipeline.execution import Executor
     from pipeline.models import ModelSettings
     from pipeline.signals import SignalsSpec, group_keys
     from pipeline.signals_pass import run_signals_pass
 
+    t = time.perf_counter()
+    global_results, global_counts = run_global_steps(cfg, files, groups)
+    normsim_targets = prepare_normsim_targets(cfg, groups, device)
+    if global_results or normsim_targets:
+        timings["global_steps_s"] = time.perf_counter() - t
     models = ModelSettings(lid_model=str(cfg.lid_model) if cfg.lid_model else None,
                            morphy_repeat_rules=cfg.morphy_repeat_rules,
                            centroids=str(image_inputs.centroids_path) if image_inputs else None,
                            target_ids=tuple(int(i) for i in image_inputs.target_ids) if image_inputs else None,
-                           device=device)
+                           device=device, global_results=tuple(sorted(global_results.items())),
+                           normsim_targets=normsim_targets)
     columns_read = sorted({c for s in specs.values() for c in s.columns()})
     # Strategies that read only the pool's own score columns need no signals pass (nor Ray).
     from_metadata = set(groups) == {"base"} and set(columns_read) <= set(SCORE_COLUMNS.values())
@@ -792,6 +857,8 @@ def _run(cfg: FilterConfig) -> dict:
     scores_missing = {c: rows_read - repeated.count - n for c, n in score_values.items()}
     stats = _stats(cfg, requested, entries, funnels, rows_read, files_read, files, skipped_files, caption_counts,
                    selections, skipped_strategies, outputs, embeddings_missing, scores_missing, repeated)
+    if global_counts:
+        stats["global_steps"] = global_counts
     _merge_write(cfg.out / "stats.json", stats)
     manifest = _manifest(cfg, requested, entries, files, signal_summaries, keys, groups, models, image_inputs,
                          selections, outputs, timings, device)
@@ -932,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"folder holding one pool per scale (default ${DATA_ROOT_ENV} or ./data)")
     g = parser.add_argument_group("strategies")
     g.add_argument("--strategy", nargs="+", default=["all"], metavar="NAME_OR_FILE",
-                   help=f"one or more of {', '.join(STRATEGIES)}, all (default: the built-ins), or strategy "
+                   help=f"one or more of {', '.join(BUILTIN_SPECS)}, all (default: DataComp's baselines), or strategy "
                         f"files (.toml, see pipeline/specs/); DataComp's names ({', '.join(ALIASES)}) work too")
     g.add_argument("--list-signals", action="store_true",
                    help="print every signal column a rule can name (group, type, meaning) and exit")
@@ -957,6 +1024,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nltk-morphy", choices=["3.8.1", "current"], default="3.8.1",
                    help="WordNet lemmatiser behaviour for the text filter: NLTK 3.8.1's, as DataComp ran "
                         "(default), or the installed NLTK's (one round of suffix rules)")
+    g = parser.add_argument_group("global steps (strategies reading semdedup_* or negclip_loss_* columns)")
+    g.add_argument("--semdedup-embedding", choices=["l14_img", "b32_img"], default="l14_img",
+                   help="npz embeddings SemDeDup clusters and compares (default %(default)s)")
+    g.add_argument("--semdedup-clusters", type=int, help="k-means clusters for SemDeDup (default: the square root "
+                   "of the rows with an embedding, which balances assignment and within-cluster cost)")
+    g.add_argument("--semdedup-keep", choices=["clip", "hard", "easy", "random"], default="clip",
+                   help="which row of a duplicate group SemDeDup keeps: the highest CLIP score (default), the "
+                        "farthest from the cluster centroid (hard, SemDeDup's), the nearest (easy), or random")
+    g.add_argument("--semdedup-seed", type=int, default=0, help="seed of k-means and of --semdedup-keep random")
+    g.add_argument("--negclip-batch-size", type=int, default=32_768,
+                   help="rows per random batch for negCLIPLoss (default %(default)s, the paper's)")
+    g.add_argument("--negclip-batches", type=int, default=10,
+                   help="random batches each row is scored in (K, default %(default)s)")
+    g.add_argument("--negclip-tau", type=float, default=0.01,
+                   help="teacher temperature for negCLIPLoss (default %(default)s, OpenAI CLIP's)")
+    g.add_argument("--negclip-seed", type=int, default=0, help="seed of negCLIPLoss's random batches")
     g = parser.add_argument_group("output")
     g.add_argument("--out", type=Path, help="folder for <strategy>.npy, stats.json, manifest.json")
     g.add_argument("--signals-dir", type=Path, help="where the pool's per-file signals are stored and "
@@ -999,7 +1082,11 @@ def config_from_args(args: argparse.Namespace) -> FilterConfig:
         morphy_repeat_rules=args.nltk_morphy == "3.8.1", executor=args.executor, ray_address=args.ray_address,
         num_workers=max(1, args.num_workers), helpers=args.helpers, device=args.device,
         skip_bad_files=args.on_bad_file == "skip", keep_first_duplicate=args.on_duplicate_uid == "keep-first",
-        all_requested="all" in args.strategy, progress=not args.quiet)
+        all_requested="all" in args.strategy, progress=not args.quiet,
+        semdedup_embedding=args.semdedup_embedding, semdedup_clusters=args.semdedup_clusters,
+        semdedup_keep=args.semdedup_keep, semdedup_seed=args.semdedup_seed,
+        negclip_batch_size=args.negclip_batch_size, negclip_batches=args.negclip_batches,
+        negclip_tau=args.negclip_tau, negclip_seed=args.negclip_seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1017,6 +1104,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.cluster import RayStartError
+    from pipeline.global_steps import GlobalStepError
     from pipeline.models import ModelInputError
     from pipeline.signals import SignalsError
 
@@ -1024,7 +1112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (OSError: a folder that cannot be written, a full disk; its message names the path)
     with one_line_errors(argv, FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError, RayStartError,
-                         OSError):
+                         GlobalStepError, OSError):
         for flag, folder in (("--out", cfg.out), ("--signals-dir", cfg.signals)):
             if folder.exists() and not folder.is_dir():
                 raise FilterError(f"{flag} {folder} is a file, not a folder")

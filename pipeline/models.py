@@ -322,6 +322,8 @@ class ModelSettings:
     centroids: str | None = None  # pool centroids file for the image-based rule
     target_ids: tuple[int, ...] | None = None  # centroids nearest to a target embedding
     device: str | None = None  # "cuda[:i]" for centroid assignment; None: CPU
+    global_results: tuple[tuple[str, str], ...] = ()  # global step (its model name) -> its result folder
+    normsim_targets: str | None = None  # .npy of the target embeddings NormSim reads (--targets, resolved)
 
 
 class MemoLabeler:
@@ -370,6 +372,7 @@ class ModelEntry:
     load: Callable[[ModelSettings], object]
     fingerprint: Callable[[ModelSettings], str]
     meaning: str
+    needs_targets: bool = False  # built from --targets
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -395,5 +398,45 @@ MODELS: dict[str, ModelEntry] = {
         load=lambda s: np.asarray(_needs(s.target_ids, "target centroids", "--targets"), dtype=np.int64),
         fingerprint=lambda s: hashlib.sha256(np.asarray(_needs(s.target_ids, "target centroids", "--targets"),
                                                         dtype=np.int64).tobytes()).hexdigest()[:16],
-        meaning="the centroids nearest to a target embedding (--targets with --centroids)"),
+        meaning="the centroids nearest to a target embedding (--targets with --centroids)", needs_targets=True),
 }
+
+
+def _step_result(settings: ModelSettings, name: str) -> str:
+    return _needs(dict(settings.global_results).get(name), f"result of the global step {name}",
+                  "a strategy reading its columns to pipeline.filter")
+
+
+def _normsim_targets(settings: ModelSettings, arch: str) -> np.ndarray:
+    from pools.format import NPZ_KEYS
+
+    path = _needs(settings.normsim_targets, "NormSim target embeddings", "--targets")
+    arr = load_matrix(path, "targets")
+    width = NPZ_KEYS[f"{arch}_img"]
+    if arr.shape[1] != width:
+        raise ModelInputError(f"the --targets embeddings have width {arr.shape[1]}; NormSim over {arch}_img needs "
+                              f"{width} ({arch} targets; for an image folder pass the {arch} model as --targets-model)")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _register_derived_models() -> None:
+    """Entries derived from other registries: each global step's result folder, and NormSim's
+    targets per arch."""
+    from pipeline.global_steps import GLOBAL_STEPS, StepResult
+    from pools.format import ARCHS
+
+    import pipeline.negclip  # noqa: F401  (they register their global steps)
+    import pipeline.semdedup  # noqa: F401
+
+    for name, step in GLOBAL_STEPS.items():
+        MODELS[name] = ModelEntry(load=lambda s, n=name: StepResult(_step_result(s, n)),
+                                  fingerprint=lambda s, n=name: Path(_step_result(s, n)).name,
+                                  meaning=step.meaning)
+    for arch in ARCHS:
+        MODELS[f"normsim_targets_{arch}"] = ModelEntry(
+            load=lambda s, a=arch: _normsim_targets(s, a),
+            fingerprint=lambda s: file_fingerprint(_needs(s.normsim_targets, "NormSim targets", "--targets"))[:16],
+            meaning=f"target image embeddings for NormSim over {arch}_img (--targets)", needs_targets=True)
+
+
+_register_derived_models()

@@ -31,6 +31,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
@@ -45,11 +46,12 @@ from filters.expressions import rule_columns, rule_outcomes, signal_frame
 from filters.image_based import centroid_signals, embedding_signals, target_centroid_signals
 from filters.image_size import size_signals
 from filters.language import cld3_signals, fasttext_signals
-from filters.rows import row_signals
+from filters.negclip import normsim_signals
+from filters.rows import precomputed_columns, row_signals
 from filters.text import caption_signals
 from pipeline.models import MODELS, ModelSettings
 from pools.files import atomic_path, file_fingerprint
-from pools.format import SCORE_COLUMNS, Pool, PoolFormatError, load_npz, validate_metadata_schema
+from pools.format import ARCHS, SCORE_COLUMNS, Pool, PoolFormatError, load_npz, validate_metadata_schema
 
 if TYPE_CHECKING:
     import polars as pl
@@ -194,6 +196,29 @@ register_signal(SignalGroup(
     models=("target_centroids",), cost=5, columns=(
         _S("nearest_centroid_in_targets", "bool",
            "the row's nearest centroid is nearest to some target embedding (DataComp's image-based rule)"),)))
+register_signal(SignalGroup(
+    name="semdedup", version=1, compute=precomputed_columns, reads=("uid",), models=("semdedup",), cost=4,
+    wants_file_name=True, columns=(
+        _S("semdedup_cluster", "int32", "SemDeDup's k-means cluster of the row's image embedding (-1: no embedding)"),
+        _S("semdedup_max_similarity", "float32",
+           "largest cosine similarity of the row's image to another row of its cluster (-1: none)"),
+        _S("semdedup_preferred_similarity", "float32",
+           "largest cosine similarity to a row before it in its cluster's keep order (-1: none); SemDeDup "
+           "drops the row when this is above its threshold"))))
+for _arch in ARCHS:
+    register_signal(SignalGroup(
+        name=f"negclip_{_arch}", version=1, compute=precomputed_columns, reads=("uid",), models=(f"negclip_{_arch}",),
+        cost=4, wants_file_name=True, columns=(
+            _S(f"negclip_loss_{_arch}", "float32",
+               f"negCLIPLoss from the {_arch} embeddings: the CLIP score minus the contrastive loss terms of "
+               "random batches (NaN: no embedding)"),)))
+    register_signal(SignalGroup(
+        name=f"normsim_{_arch}", version=1, compute=partial(normsim_signals, _arch), npz_keys=(f"{_arch}_img",),
+        models=(f"normsim_targets_{_arch}",), cost=4, columns=(
+            _S(f"normsim2_{_arch}", "float32",
+               f"NormSim-2: root of the summed squared cosines of {_arch}_img to the --targets (NaN: no embedding)"),
+            _S(f"normsim_inf_{_arch}", "float32",
+               f"NormSim-inf: largest cosine of {_arch}_img to a --targets embedding (NaN: no embedding)"))))
 del _S
 
 

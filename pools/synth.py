@@ -199,6 +199,7 @@ class SynthConfig:
     eval_per_class: int = 20
     images: bool = True  # False: metadata only (no shards, no eval set)
     random_scores: bool = False  # fill scores + npz with random self-consistent values
+    duplicates: float = 0.0  # rows in planted near-duplicate groups of 2-5 (plant_duplicate_groups)
     url_base: str = "https://images.synthetic-pool.invalid"
     captions: CaptionMix = field(default_factory=CaptionMix)
     sizes: SizeMix = field(default_factory=SizeMix)
@@ -399,6 +400,8 @@ class _Rows:
     language: list[str]
     size_kind: np.ndarray
     downloaded: np.ndarray
+    duplicate_group: np.ndarray  # planted near-duplicate group of each row (-1: none)
+    duplicate_source: np.ndarray  # the first row of the row's group (the row itself when none)
 
 
 def _plan_rows(cfg: SynthConfig) -> _Rows:
@@ -412,6 +415,10 @@ def _plan_rows(cfg: SynthConfig) -> _Rows:
     concept = rng.integers(len(CONCEPTS), size=n)
     width, height, size_kind = _original_sizes(rng, n, cfg.sizes)
     downloaded = rng.random(n) >= cfg.download_failure
+    duplicate_group = plant_duplicate_groups(n, cfg.duplicates, cfg.seed)
+    sources = group_sources(duplicate_group)
+    planted = duplicate_group >= 0
+    concept[planted] = concept[sources[planted]]  # a copy shows what its source shows
     has_face = rng.random(n) < 0.05
     boxes = rng.uniform(0, 0.5, size=(n, 2))
     face_bboxes = [[[round(x, 4), round(y, 4), round(x + 0.2, 4), round(y + 0.25, 4)]] if f else []
@@ -425,15 +432,66 @@ def _plan_rows(cfg: SynthConfig) -> _Rows:
         language.append(lang)
     url = [f"{cfg.url_base}/{u}.jpg" for u in uid]
     return _Rows(uid, url, text, width, height, face_bboxes, concept, caption_kind,
-                 caption_concept, language, size_kind, downloaded)
+                 caption_concept, language, size_kind, downloaded, duplicate_group, sources)
+
+
+GROUP_SIZES = (2, 3, 4, 5)
+DUPLICATE_NOISE = 0.15  # a planted copy's embedding: its source's plus this much of a random unit direction
+
+
+def plant_duplicate_groups(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The planted near-duplicate group (0, 1, ...) of each of `n` rows, -1 for most: groups of
+    2-5 rows scattered over the pool (so over its files) until `fraction` of the rows are in one.
+    The group's first row is its source; the others are its copies."""
+    group = np.full(n, -1, dtype=np.int64)
+    if fraction <= 0 or n < 2:
+        return group
+    rng = np.random.default_rng([seed, 9])
+    sizes = []
+    while sum(sizes) < min(n, round(fraction * n)):
+        sizes.append(int(rng.choice(GROUP_SIZES)))
+    if sum(sizes) > n:
+        sizes[-1] -= sum(sizes) - n
+        if sizes[-1] < 2:
+            sizes.pop()
+    rows = rng.permutation(n)[:sum(sizes)]
+    group[rows] = np.repeat(np.arange(len(sizes)), sizes)
+    return group
+
+
+def group_sources(group: np.ndarray) -> np.ndarray:
+    """Per row, the first row of its planted group (itself when it has none)."""
+    source = np.arange(len(group))
+    planted = np.flatnonzero(group >= 0)
+    if len(planted):
+        ids, first = np.unique(group[planted], return_index=True)
+        first_row = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+        first_row[ids] = planted[first]
+        source[planted] = first_row[group[planted]]
+    return source
 
 
 def _row_image(cfg: SynthConfig, rows: _Rows, i: int) -> bytes:
+    source = int(rows.duplicate_source[i])
+    if source != i:  # a copy: the source re-encoded, resized or slightly cropped
+        return _near_copy(_row_image(cfg, rows, source), np.random.default_rng([cfg.seed, 8, i]))
     rng = np.random.default_rng([cfg.seed, 3, i])
     w, h = _stored_size(int(rows.width[i]), int(rows.height[i]), cfg.image_px)
     if rows.caption_kind[i] == "off_target":
         return encode_jpeg(render_off_target(_off_target_scene(int(rows.concept[i])), rng, width=w, height=h))
     return encode_jpeg(render_concept(int(rows.concept[i]), rng, width=w, height=h))
+
+
+def _near_copy(jpeg: bytes, rng: np.random.Generator) -> bytes:
+    """`jpeg` slightly cropped (up to 6% a side), resized by 80-100% and re-encoded."""
+    with Image.open(io.BytesIO(jpeg)) as im:
+        img = im.convert("RGB")
+    w, h = img.size
+    dx, dy = (int(rng.integers(0, max(1, round(0.06 * v)) + 1)) for v in (w, h))
+    img = img.crop((dx, dy, w - int(rng.integers(0, dx + 1)), h - int(rng.integers(0, dy + 1))))
+    scale = float(rng.uniform(0.8, 1.0))
+    img = img.resize((max(8, round(img.width * scale)), max(8, round(img.height * scale))))
+    return encode_jpeg(img, quality=int(rng.integers(60, 95)))
 
 
 EMBEDDING_WIDTHS = (("b32", 512), ("l14", 768))  # the archs of the npz, in drawing order
@@ -450,9 +508,11 @@ class RandomEmbeddings:
     pass through it (`_draw_starts`); each draw then gets its own generator that `take` advances.
     """
 
-    def __init__(self, seed: int, n: int, *, chunk_rows: int = 4096):
+    def __init__(self, seed: int, n: int, *, chunk_rows: int = 4096, duplicate_group: np.ndarray | None = None):
         self.n = n
         self._taken = 0
+        self._seed = seed
+        self._group = duplicate_group  # rows of a planted group get near-copies of one image embedding
         self._draws = {}
         for name, state in _draw_starts(seed, n, chunk_rows).items():
             gen = np.random.Generator(np.random.PCG64())
@@ -468,6 +528,7 @@ class RandomEmbeddings:
         for arch, dim in EMBEDDING_WIDTHS:
             img = self._draws[f"{arch}_img"].standard_normal((rows, dim)).astype(np.float32)
             img /= np.linalg.norm(img, axis=1, keepdims=True)
+            self._plant(img, arch, self._taken - rows)
             noise = self._draws[f"{arch}_noise"].standard_normal((rows, dim)).astype(np.float32)
             noise -= (noise * img).sum(1, keepdims=True) * img
             noise /= np.linalg.norm(noise, axis=1, keepdims=True)
@@ -477,6 +538,20 @@ class RandomEmbeddings:
             embeddings[f"{arch}_img"], embeddings[f"{arch}_txt"] = img16, txt16
             scores[arch] = (img16.astype(np.float32) * txt16.astype(np.float32)).sum(1)
         return embeddings, scores
+
+
+    def _plant(self, img: np.ndarray, arch: str, first_row: int) -> None:
+        """Rows of a planted group: their group's direction plus `DUPLICATE_NOISE` of their own
+        (pairwise cosines about 1 / (1 + 0.15^2) = 0.98), drawn per group and per row so they do
+        not depend on how the pool is split into files."""
+        if self._group is None:
+            return
+        groups = self._group[first_row:first_row + len(img)]
+        for j in np.flatnonzero(groups >= 0):
+            base = np.random.default_rng([self._seed, 5, int(groups[j]), img.shape[1]]).standard_normal(img.shape[1])
+            own = np.random.default_rng([self._seed, 6, first_row + int(j), img.shape[1]]).standard_normal(img.shape[1])
+            v = base / np.linalg.norm(base) + DUPLICATE_NOISE * own / np.linalg.norm(own)
+            img[j] = v / np.linalg.norm(v)
 
 
 def _draw_starts(seed: int, n: int, chunk_rows: int) -> dict[str, dict]:
@@ -650,7 +725,8 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
     stems = _file_stems(cfg, num_files)
     (tmp / "metadata").mkdir()
     file_of = np.empty(n, dtype=object)
-    random_embeddings = RandomEmbeddings(cfg.seed, n) if cfg.random_scores else None
+    random_embeddings = (RandomEmbeddings(cfg.seed, n, duplicate_group=rows.duplicate_group)
+                         if cfg.random_scores else None)
     for f, stem in enumerate(stems):
         lo, hi = f * cfg.rows_per_file, min(n, (f + 1) * cfg.rows_per_file)
         part = table.slice(lo, hi - lo)
@@ -671,6 +747,9 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         "caption_concept": pa.array(rows.caption_concept, pa.int64()), "language": rows.language,
         "size_kind": rows.size_kind.tolist(), "downloaded": rows.downloaded,
         "shard": pa.array(shard_of, pa.int64()), "key": key_of,
+        # planted near-duplicates (--duplicates): the group (-1: none) and its first row's uid
+        "duplicate_group": pa.array(rows.duplicate_group, pa.int64()),
+        "duplicate_of": [rows.uid[s] if g >= 0 else None for g, s in zip(rows.duplicate_group, rows.duplicate_source)],
     })
     pq.write_table(truth, tmp / "ground_truth.parquet")
 
@@ -680,6 +759,7 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         "shard_samples": int(rows.downloaded.sum()) if cfg.images else 0,
         "eval_images": eval_count, "eval_classes": len(CONCEPTS) if cfg.images else 0,
         "composition": _composition(rows), "scores": note,
+        "duplicate_groups": {"groups": int(rows.duplicate_group.max() + 1), "rows": int((rows.duplicate_group >= 0).sum())},
     }
     write_json_atomic(tmp / "pool.json", summary)
     if out.exists():
@@ -730,14 +810,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random-scores", action="store_true",
                         help="fill CLIP scores and npz embeddings with random, self-consistent "
                              "placeholder values (for tests and benchmarks; not model output)")
+    parser.add_argument("--duplicates", type=float, default=0.0,
+                        help="fraction of rows in planted near-duplicate groups of 2-5 (copies of one image: "
+                             "re-encoded, resized, cropped; with --random-scores near-copies of one embedding), "
+                             "recorded in ground_truth.parquet (default 0; the demo uses 0.15)")
     parser.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
     args = parser.parse_args(argv)
     if args.samples <= 0:
         parser.error("--samples must be positive")
+    if not 0.0 <= args.duplicates <= 1.0:
+        parser.error("--duplicates must be a fraction in [0, 1]")
     cfg = SynthConfig(samples=args.samples, seed=args.seed, rows_per_file=args.rows_per_file,
                       shard_size=args.shard_size, image_px=args.image_px,
                       eval_per_class=args.eval_per_class, images=not args.metadata_only,
-                      random_scores=args.random_scores)
+                      random_scores=args.random_scores, duplicates=args.duplicates)
     summary = generate(args.out, cfg, overwrite=args.overwrite)
     print(describe(args.out, summary))
     return summary
