@@ -73,6 +73,28 @@ def negclip_loss(image: np.ndarray, text: np.ndarray, batches: list[list[np.ndar
     return (score - tau / (2 * rounds) * penalty).astype(np.float32)
 
 
+def max_similarity(image: np.ndarray, targets: np.ndarray, *, block_rows: int = 1024,
+                   block_targets: int = 32_768) -> tuple[np.ndarray, np.ndarray]:
+    """(largest cosine, index of that target) of every row against `targets`, in blocks of
+    rows and targets (ImageNet-1k's 1.28M targets would not fit in one matrix); ties go to
+    the lowest index."""
+    img, tgt = normalised(image), normalised(targets)
+    if img.shape[1] != tgt.shape[1]:
+        raise ValueError(f"targets have width {tgt.shape[1]}; the embeddings have {img.shape[1]}")
+    best = np.full(len(img), -np.inf, dtype=np.float32)
+    where = np.zeros(len(img), dtype=np.int64)
+    for t0 in range(0, len(tgt), block_targets):
+        block = tgt[t0:t0 + block_targets].T
+        for i0 in range(0, len(img), block_rows):
+            sims = img[i0:i0 + block_rows] @ block
+            top = sims.argmax(axis=1)
+            value = sims[np.arange(len(sims)), top]
+            better = value > best[i0:i0 + block_rows]
+            best[i0:i0 + block_rows][better] = value[better]
+            where[i0:i0 + block_rows][better] = t0 + top[better]
+    return best, where
+
+
 def normsim(image: np.ndarray, targets: np.ndarray, *, block_rows: int = 1024,
             block_targets: int = 32_768) -> tuple[np.ndarray, np.ndarray]:
     """(NormSim_2, NormSim_inf) of every row (float32) against unit-length `targets`."""
@@ -82,12 +104,7 @@ def normsim(image: np.ndarray, targets: np.ndarray, *, block_rows: int = 1024,
         raise ValueError(f"targets have width {tgt.shape[1]}; the embeddings have {img.shape[1]}")
     gram = (tgt.T.astype(np.float64) @ tgt.astype(np.float64))  # sum_t u_t u_t^T
     two = np.einsum("ij,ij->i", img.astype(np.float64) @ gram, img.astype(np.float64))
-    inf = np.full(len(img), -np.inf, dtype=np.float32)
-    for t0 in range(0, len(tgt), block_targets):  # (ImageNet-1k's 1.28M targets would not fit at once)
-        block = tgt[t0:t0 + block_targets].T
-        for i0 in range(0, len(img), block_rows):
-            np.maximum(inf[i0:i0 + block_rows], (img[i0:i0 + block_rows] @ block).max(axis=1),
-                       out=inf[i0:i0 + block_rows])
+    inf, _ = max_similarity(img, tgt, block_rows=block_rows, block_targets=block_targets)
     return np.sqrt(np.maximum(two, 0)).astype(np.float32), inf
 
 

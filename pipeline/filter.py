@@ -103,6 +103,7 @@ class FilterConfig:
     threshold: float | None = None
     centroids: Path | None = None
     targets: tuple[Path, ...] = ()
+    eval_sets: tuple[str, ...] = ()  # [NAME=]PATH: eval images (folder or shards) or their embeddings (.npy)
     targets_model: str | None = None
     targets_pretrained: str | None = None
     lid_model: Path | None = None
@@ -258,7 +259,7 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
         groups = groups_needed(_closure(spec, specs))
         needs = [f"npz:{k}" for g in groups for k in SIGNAL_GROUPS[g].npz_keys]
         needs += [f"model:{m}" for g in groups for m in SIGNAL_GROUPS[g].models
-                  if m == "centroids" or MODELS[m].needs_targets]
+                  if m == "centroids" or MODELS[m].needs_targets or MODELS[m].needs_eval_sets]
         for need in dict.fromkeys(needs):
             if need not in checked:
                 if need.startswith("npz:"):
@@ -269,6 +270,10 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
                         f"no centroids at {path}: make them with `python -m pipeline.centroids --pool "
                         f"{cfg.pool} --scale {cfg.scale}` or pass --centroids FILE (.npy or DataComp's .pt)")
                     centroids_path = Path(path) if Path(path).is_file() else centroids_path
+                elif MODELS[need[6:]].needs_eval_sets:
+                    checked[need] = None if cfg.eval_sets else (
+                        "no evaluation sets: pass --eval-sets with the eval images' folders (embedded with "
+                        "--targets-model) or .npy files of their l14 image embeddings")
                 else:
                     checked[need] = None if cfg.targets else (
                         "no targets: pass --targets with DataComp's in1k_clip_vit_l14_*.pt files, a .npy of "
@@ -324,6 +329,38 @@ def prepare_normsim_targets(cfg: FilterConfig, groups: Sequence[str], device: st
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, targets)
+    return str(path)
+
+
+def prepare_eval_sets(cfg: FilterConfig, groups: Sequence[str], device: str | None) -> str | None:
+    """The --eval-sets, embedded once (image folders with --targets-model; .npy as they are) into
+    ``<signals>/global/eval_sets/<hash>.npz``, when a needed group reads them."""
+    import hashlib
+
+    from pipeline.models import MODELS, save_eval_sets
+    from pipeline.signals import SIGNAL_GROUPS
+    from pipeline.targets import resolve_targets
+
+    if not any(MODELS[m].needs_eval_sets for g in groups for m in SIGNAL_GROUPS[g].models):
+        return None
+    parts = []
+    for entry in cfg.eval_sets:
+        name, _, path = entry.rpartition("=")
+        path = Path(path)
+        name = name or (path.stem if path.is_file() else path.name)
+        targets, _ = resolve_targets([path], model=cfg.targets_model, pretrained=cfg.targets_pretrained,
+                                     device=device or "cpu", dim=768)
+        parts.append((name, np.ascontiguousarray(targets, dtype=np.float32)))
+    names = [n for n, _ in parts]
+    if len(set(names)) < len(names):
+        raise FilterError(f"--eval-sets: two sets are named {next(n for n in names if names.count(n) > 1)!r}; "
+                          "name them NAME=PATH")
+    digest = hashlib.sha256()
+    for name, emb in parts:
+        digest.update(name.encode() + b"\0" + emb.tobytes())
+    path = cfg.signals / "global" / "eval_sets" / f"{digest.hexdigest()[:16]}.npz"
+    if not path.is_file():
+        save_eval_sets(path, parts)
     return str(path)
 
 
@@ -742,14 +779,15 @@ def _run(cfg: FilterConfig) -> dict:
     t = time.perf_counter()
     global_results, global_counts = run_global_steps(cfg, files, groups)
     normsim_targets = prepare_normsim_targets(cfg, groups, device)
-    if global_results or normsim_targets:
+    eval_sets = prepare_eval_sets(cfg, groups, device)
+    if global_results or normsim_targets or eval_sets:
         timings["global_steps_s"] = time.perf_counter() - t
     models = ModelSettings(lid_model=str(cfg.lid_model) if cfg.lid_model else None,
                            morphy_repeat_rules=cfg.morphy_repeat_rules,
                            centroids=str(image_inputs.centroids_path) if image_inputs else None,
                            target_ids=tuple(int(i) for i in image_inputs.target_ids) if image_inputs else None,
                            device=device, global_results=tuple(sorted(global_results.items())),
-                           normsim_targets=normsim_targets)
+                           normsim_targets=normsim_targets, eval_sets=eval_sets)
     columns_read = sorted({c for s in specs.values() for c in s.columns()})
     # Strategies that read only the pool's own score columns need no signals pass (nor Ray).
     from_metadata = set(groups) == {"base"} and set(columns_read) <= set(SCORE_COLUMNS.values())
@@ -1016,6 +1054,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--targets", type=Path, nargs="+", default=[], help="target image embeddings: .npy "
                    "files of shape (n, 768), DataComp's in1k_clip_vit_l14_*.pt files, or image folders "
                    "(embedded with --targets-model)")
+    g.add_argument("--eval-sets", nargs="+", default=[], metavar="[NAME=]PATH",
+                   help="evaluation sets for the contamination signal (eval_max_similarity, eval_task): image "
+                        "folders or webdataset shards (embedded with --targets-model: the pool's L/14) or .npy "
+                        "files of their l14 image embeddings; NAME defaults to the folder or file name")
     g.add_argument("--targets-model", help="CLIP model for target image folders: an open_clip name (with "
                    "--targets-pretrained), a checkpoint, or a trainer run folder")
     g.add_argument("--targets-pretrained", help="checkpoint for an open_clip --targets-model name")
@@ -1077,7 +1119,7 @@ def config_from_args(args: argparse.Namespace) -> FilterConfig:
     return FilterConfig(
         pool=pool, scale=args.scale, strategies=tuple(args.strategy), out=args.out,
         signals_dir=args.signals_dir, arch=args.arch, fraction=args.fraction, threshold=args.threshold,
-        centroids=args.centroids, targets=tuple(args.targets),
+        centroids=args.centroids, targets=tuple(args.targets), eval_sets=tuple(args.eval_sets),
         targets_model=args.targets_model, targets_pretrained=args.targets_pretrained, lid_model=args.lid_model,
         morphy_repeat_rules=args.nltk_morphy == "3.8.1", executor=args.executor, ray_address=args.ray_address,
         num_workers=max(1, args.num_workers), helpers=args.helpers, device=args.device,

@@ -324,6 +324,7 @@ class ModelSettings:
     device: str | None = None  # "cuda[:i]" for centroid assignment; None: CPU
     global_results: tuple[tuple[str, str], ...] = ()  # global step (its model name) -> its result folder
     normsim_targets: str | None = None  # .npy of the target embeddings NormSim reads (--targets, resolved)
+    eval_sets: str | None = None  # .npz of the eval images' embeddings and tasks (--eval-sets, resolved)
 
 
 class MemoLabeler:
@@ -373,6 +374,7 @@ class ModelEntry:
     fingerprint: Callable[[ModelSettings], str]
     meaning: str
     needs_targets: bool = False  # built from --targets
+    needs_eval_sets: bool = False  # built from --eval-sets
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -440,3 +442,40 @@ def _register_derived_models() -> None:
 
 
 _register_derived_models()
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """Evaluation images' embeddings (m, d) float32, each one's task index, the task names, and
+    each task's first row."""
+
+    embeddings: np.ndarray
+    task: np.ndarray
+    names: tuple[str, ...]
+    first: np.ndarray
+
+
+def save_eval_sets(path: Path, parts: Sequence[tuple[str, np.ndarray]]) -> None:
+    """Write (name, embeddings) of every task as one .npz (plain arrays: no pickles)."""
+    sizes = [len(e) for _, e in parts]
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, embeddings=np.concatenate([e for _, e in parts]).astype(np.float32),
+                     task=np.repeat(np.arange(len(parts)), sizes), names=np.array([n for n, _ in parts]),
+                     first=np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+
+
+def load_eval_sets(path: str | os.PathLike, dim: int = 768) -> EvalSets:
+    with np.load(path, allow_pickle=False) as npz:
+        sets = EvalSets(embeddings=np.ascontiguousarray(npz["embeddings"], dtype=np.float32), task=npz["task"],
+                        names=tuple(str(n) for n in npz["names"]), first=npz["first"])
+    if sets.embeddings.shape[1] != dim:
+        raise ModelInputError(f"the --eval-sets embeddings have width {sets.embeddings.shape[1]}; the pool's l14_img "
+                              f"embeddings have {dim} (embed image folders with the pool's L/14 as --targets-model)")
+    return sets
+
+
+MODELS["eval_sets"] = ModelEntry(
+    load=lambda s: load_eval_sets(_needs(s.eval_sets, "eval sets", "--eval-sets")),
+    fingerprint=lambda s: file_fingerprint(_needs(s.eval_sets, "eval sets", "--eval-sets"))[:16],
+    meaning="evaluation images embedded by the pool's teacher, with their tasks (--eval-sets)", needs_eval_sets=True)

@@ -41,9 +41,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from filters.arrays import from_numpy, to_numpy
+from filters.contamination import contamination_signals
 from filters.entity import entity_signals
 from filters.expressions import rule_columns, rule_outcomes, signal_frame
 from filters.image_based import centroid_signals, embedding_signals, target_centroid_signals
+from filters.faces import face_signals
 from filters.image_size import size_signals
 from filters.language import cld3_signals, fasttext_signals
 from filters.negclip import normsim_signals
@@ -196,6 +198,17 @@ register_signal(SignalGroup(
     models=("target_centroids",), cost=5, columns=(
         _S("nearest_centroid_in_targets", "bool",
            "the row's nearest centroid is nearest to some target embedding (DataComp's image-based rule)"),)))
+register_signal(SignalGroup(
+    name="faces", version=1, compute=face_signals, reads=("face_bboxes",), columns=(
+        _S("face_count", "int32", "faces CommonPool's pipeline detected (boxes in face_bboxes; null: not run)"),
+        _S("face_area_fraction", "float32", "fraction of the image the face boxes cover (their union)"))))
+register_signal(SignalGroup(
+    name="contamination", version=1, compute=contamination_signals, npz_keys=("l14_img",), models=("eval_sets",),
+    cost=4, columns=(
+        _S("eval_max_similarity", "float32",
+           "largest cosine similarity of l14_img to an --eval-sets image (NaN: no embedding)"),
+        _S("eval_task", "label", "the task (--eval-sets name) of that most similar evaluation image"),
+        _S("eval_nearest", "int32", "that image's index within its task (its order in the task's files)"))))
 register_signal(SignalGroup(
     name="semdedup", version=1, compute=precomputed_columns, reads=("uid",), models=("semdedup",), cost=4,
     wants_file_name=True, columns=(
