@@ -626,6 +626,33 @@ def _uid_records(table: pa.Table, rows: np.ndarray, parts: Sequence[tuple[Path, 
     raise AssertionError("unreachable")
 
 
+EVAL_COPY_COLUMNS = ("eval_max_similarity", "eval_task")
+EVAL_NEAR_COPY = 0.95  # stats.json counts rows at least this similar to an evaluation image
+
+
+class NearCopies:
+    """Rows that are near-copies of an evaluation image (eval_max_similarity >= EVAL_NEAR_COPY),
+    per task, in the pool and in each strategy's subset: stats.json's ``eval_near_copies``."""
+
+    def __init__(self, names: Sequence[str]):
+        self.pool: Counter = Counter()
+        self.kept: dict[str, Counter] = {n: Counter() for n in names}
+
+    def add(self, table: pa.Table, masks: Mapping[str, np.ndarray]) -> None:
+        near = to_numpy(table.column("eval_max_similarity")) >= EVAL_NEAR_COPY  # (NaN: no embedding)
+        rows = np.flatnonzero(near)
+        if not len(rows):
+            return
+        tasks = np.array(table.column("eval_task").take(from_numpy(rows)).to_pylist(), dtype=object)
+        self.pool.update(tasks.tolist())
+        for n, counter in self.kept.items():
+            counter.update(tasks[masks[n][rows]].tolist())
+
+    def as_dict(self, names: Sequence[str]) -> dict:
+        return {"threshold": EVAL_NEAR_COPY, "pool": dict(sorted(self.pool.items())),
+                "strategies": {n: dict(sorted(self.kept[n].items())) for n in names}}
+
+
 def keep_masks(table: pa.Table, specs: Mapping[str, StrategySpec], thresholds: Mapping[str, float],
                funnels: Mapping[str, Funnel] | None = None) -> dict[str, np.ndarray]:
     """Every strategy's keep mask on the rows of `table` (members before the strategies
@@ -807,7 +834,7 @@ def _run(cfg: FilterConfig) -> dict:
         timings["signals_s"] = time.perf_counter() - t
 
     # 2. the global step (selection thresholds) and 3. the queries, over one source of columns
-    extra = [c for c in ("text_status", "image_embedding_missing") if c not in columns_read and
+    extra = [c for c in ("text_status", "image_embedding_missing", *EVAL_COPY_COLUMNS) if c not in columns_read and
              any(c in _group_columns(g) for g in groups)]
     if from_metadata:
         source = TableSource(files, metadata_reader(columns_read, skipped_files, cfg.skip_bad_files))
@@ -843,6 +870,7 @@ def _run(cfg: FilterConfig) -> dict:
     embeddings_missing = None  # rows without an image embedding, when it was read
     score_values = {c: 0 for c in columns_read if c in SCORE_COLUMNS.values()}  # non-missing scores
     files_seen = set()
+    near_copies = NearCopies(requested) if set(EVAL_COPY_COLUMNS) <= set(columns_read) | set(extra) else None
     for parts, table in source.batches():
         rows_read += table.num_rows
         files_seen.update(p for p, _ in parts)
@@ -855,6 +883,8 @@ def _run(cfg: FilterConfig) -> dict:
         for c in score_values:
             score_values[c] += int((~np.isnan(to_numpy(table.column(c)))).sum())
         masks = keep_masks(table, specs, thresholds, funnels)
+        if near_copies is not None:
+            near_copies.add(table, masks)
         wanted = [masks[n] for n in requested]
         rows = np.flatnonzero(np.logical_or.reduce(wanted)) if wanted else np.empty(0, np.int64)
         records = _uid_records(table, rows, parts)
@@ -897,6 +927,8 @@ def _run(cfg: FilterConfig) -> dict:
                    selections, skipped_strategies, outputs, embeddings_missing, scores_missing, repeated)
     if global_counts:
         stats["global_steps"] = global_counts
+    if near_copies is not None:
+        stats["eval_near_copies"] = near_copies.as_dict(requested)
     _merge_write(cfg.out / "stats.json", stats)
     manifest = _manifest(cfg, requested, entries, files, signal_summaries, keys, groups, models, image_inputs,
                          selections, outputs, timings, device)

@@ -43,7 +43,7 @@ def test_every_planted_near_copy_is_found_with_its_task(contaminated, tmp_path):
     spec = tmp_path / "clean.toml"
     spec.write_text('name = "clean"\nrules = ["eval_max_similarity IS NULL OR eval_max_similarity < 0.95"]\n')
     signals = tmp_path / "signals"
-    stats = main(["--pool", str(pool), "--strategy", str(spec), "decontaminated", "--eval-sets",
+    stats = main(["--pool", str(pool), "--strategy", str(spec), "decontaminated", "no_filter", "--eval-sets",
                   f"cars={root / 'cars.npy'}", str(root / "pets.npy"), "--out", str(tmp_path / "out"),
                   "--signals-dir", str(signals), "--executor", "local", "--quiet"])
     table = pq.read_table(sorted(signals.glob("*.parquet"))[0]).to_pandas()
@@ -62,6 +62,10 @@ def test_every_planted_near_copy_is_found_with_its_task(contaminated, tmp_path):
     kept = np.isin(uids_to_records(uids), np.load(tmp_path / "out" / "clean.npy"))
     assert not kept[list(planted)].any() and kept.sum() == 600 - len(planted)
     assert stats["strategies"]["decontaminated"]["kept"] <= stats["strategies"]["clean"]["kept"]
+    tasks = [task for task, _ in planted.values()]
+    assert stats["eval_near_copies"]["pool"] == {t: tasks.count(t) for t in sorted(set(tasks))}
+    counts = stats["eval_near_copies"]
+    assert counts["strategies"] == {"clean": {}, "decontaminated": {}, "no_filter": counts["pool"]}
 
 
 def test_missing_eval_sets_is_a_clear_error(contaminated, tmp_path):
