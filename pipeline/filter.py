@@ -776,6 +776,12 @@ def _run(cfg: FilterConfig) -> dict:
     files = pool_files(cfg.pool, cfg.scale)
     for folder in (cfg.out, cfg.signals):  # what a killed run was writing
         remove_stale_temporaries(folder)
+    from pipeline.score import named_scorers
+    from pipeline.signals import register_named_scorer
+
+    scorers = named_scorers(cfg.pool)  # pipeline.score --as NAME: columns score_<NAME>
+    for name in scorers:
+        register_named_scorer(name)
     overrides = cfg.spec_overrides()
     requested_specs = resolve_strategies(cfg.strategies, overrides)
     specs = with_members(requested_specs, overrides)  # what is evaluated: requested + intersected
@@ -813,7 +819,8 @@ def _run(cfg: FilterConfig) -> dict:
                            morphy_repeat_rules=cfg.morphy_repeat_rules,
                            centroids=str(image_inputs.centroids_path) if image_inputs else None,
                            target_ids=tuple(int(i) for i in image_inputs.target_ids) if image_inputs else None,
-                           device=device, global_results=tuple(sorted(global_results.items())),
+                           device=device, global_results=tuple(sorted({
+                               **global_results, **{f"scorer_{n}": str(p) for n, p in scorers.items()}}.items())),
                            normsim_targets=normsim_targets, eval_sets=eval_sets)
     columns_read = sorted({c for s in specs.values() for c in s.columns()})
     # Strategies that read only the pool's own score columns need no signals pass (nor Ray).
@@ -826,7 +833,7 @@ def _run(cfg: FilterConfig) -> dict:
         keys = group_keys(groups, models)
         spec = SignalsSpec(groups=groups, keys=keys, required_columns=required_metadata(specs.values(), groups),
                            models=models, gates=signals_needed(specs.values(), keys),
-                           skip_bad_files=cfg.skip_bad_files)
+                           skip_bad_files=cfg.skip_bad_files, named_scorers=tuple(scorers))
         executor = Executor(kind=cfg.executor, ray_address=cfg.ray_address, num_workers=cfg.num_workers,
                             use_gpu=device is not None and "centroid" in groups, helpers=cfg.helpers)
         signal_summaries = run_signals_pass(files, cfg.signals, spec, executor, progress=cfg.progress)

@@ -139,6 +139,14 @@ class StepResult:
             return {k: npz[k] for k in npz.files}
 
 
+class ScorerResult(StepResult):
+    """A named scorer's folder (`pipeline.score --as NAME`): its score column of one file (the
+    embeddings beside it are not signals)."""
+
+    def columns(self, file_name: str) -> dict[str, np.ndarray]:
+        return {k: v for k, v in super().columns(file_name).items() if k.startswith("score_")}
+
+
 def result_fingerprint(folder: str | os.PathLike | None) -> str:
     if folder is None:
         raise GlobalStepError("the global step has not run")

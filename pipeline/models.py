@@ -444,6 +444,19 @@ def _register_derived_models() -> None:
 _register_derived_models()
 
 
+def register_scorer_model(name: str) -> str:
+    """The model entry of the named scorer `name` (`pipeline.score --as NAME`): its folder comes
+    in ModelSettings.global_results like a global step's. Returns the entry's name."""
+    from pipeline.global_steps import ScorerResult
+
+    key = f"scorer_{name}"
+    MODELS.setdefault(key, ModelEntry(
+        load=lambda s: ScorerResult(_step_result(s, key)),
+        fingerprint=lambda s: file_fingerprint(Path(_step_result(s, key)) / "result.json")[:16],
+        meaning=f"the named scorer {name} (pipeline.score --as {name})"))
+    return key
+
+
 @dataclass(frozen=True)
 class EvalSets:
     """Evaluation images' embeddings (m, d) float32, each one's task index, the task names, and

@@ -235,6 +235,21 @@ for _arch in ARCHS:
 del _S
 
 
+def register_named_scorer(name: str) -> str:
+    """The signal group ``score_<name>`` of a named scorer (`pipeline.score --as NAME`), registered
+    when a pool has one (`pipeline.filter` and every worker do this); returns the column."""
+    from pipeline.models import register_scorer_model
+
+    column = f"score_{name}"
+    if column not in SIGNAL_GROUPS:
+        register_signal(SignalGroup(
+            name=column, version=1, compute=precomputed_columns, reads=("uid",), models=(register_scorer_model(name),),
+            cost=4, wants_file_name=True, columns=(SignalColumn(
+                column, "float32", f"image-text cosine of the named scorer {name} (pipeline.score --as {name}; "
+                                   "NaN: no image)"),)))
+    return column
+
+
 # --- what derives from the declarations --------------------------------------------------------
 def column_groups() -> dict[str, str]:
     """Signal column -> the group that computes it, in registry order."""
@@ -327,6 +342,7 @@ class SignalsSpec:
     models: ModelSettings = field(default_factory=ModelSettings)
     gates: dict[str, tuple[Gate, ...]] = field(default_factory=dict)  # gated group -> rows it needs
     skip_bad_files: bool = False
+    named_scorers: tuple[str, ...] = ()  # registered in each worker (pipeline.score --as NAME)
 
     def gates_of(self, group: str) -> tuple[Gate, ...]:
         return self.gates.get(group) or (EVERY_ROW,)
@@ -432,6 +448,8 @@ class SignalsWorker:
     def __init__(self, spec: SignalsSpec):
         self.spec = spec
         self._models: dict[str, object] = {}
+        for name in spec.named_scorers:  # (a Ray worker imports the registry without them)
+            register_named_scorer(name)
 
     def model(self, name: str):
         if name not in self._models:
