@@ -38,28 +38,31 @@ def random_batches(n: int, batch_size: int, rounds: int, seed: int) -> list[list
     return [np.array_split(rng.permutation(n), count) for _ in range(rounds)]
 
 
+MIN_TAU = 0.005  # below it exp((s - 1) / tau) underflows float64 for s = -1 (CLIP's tau is >= 0.01)
+
+
 def _logsumexp_rows_and_columns(img: np.ndarray, txt: np.ndarray, tau: float,
-                                block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """logsumexp_j(s_ij / tau) per row i and logsumexp_i(s_ij / tau) per column j of one batch,
-    `block_rows` rows of the similarity matrix at a time (columns by a running max and sum)."""
+                                block_elements: int) -> tuple[np.ndarray, np.ndarray]:
+    """logsumexp_j(s_ij / tau) per row i and logsumexp_i(s_ij / tau) per column j of one batch
+    of unit vectors. Every s_ij is at most 1, so exp((s_ij - 1) / tau) needs no running maximum
+    (it is at least exp(-2 / tau), above float64's smallest number for tau >= MIN_TAU): one
+    exponential per pair serves both sums, `block_elements` pairs at a time."""
     b = len(img)
     rows = np.empty(b, dtype=np.float64)
-    col_max = np.full(b, -np.inf, dtype=np.float64)
     col_sum = np.zeros(b, dtype=np.float64)
-    for i0 in range(0, b, block_rows):
-        logits = (img[i0:i0 + block_rows] @ txt.T).astype(np.float64) / tau
-        row_max = logits.max(axis=1)
-        rows[i0:i0 + block_rows] = row_max + np.log(np.exp(logits - row_max[:, None]).sum(axis=1))
-        block_max = logits.max(axis=0)
-        new_max = np.maximum(col_max, block_max)
-        col_sum = col_sum * np.exp(col_max - new_max) + np.exp(logits - new_max[None, :]).sum(axis=0)
-        col_max = new_max
-    return rows, col_max + np.log(col_sum)
+    step = max(1, block_elements // max(1, b))
+    for i0 in range(0, b, step):
+        shifted = np.exp((img[i0:i0 + step] @ txt.T - np.float32(1.0)).astype(np.float64) / tau)
+        rows[i0:i0 + step] = np.log(shifted.sum(axis=1))
+        col_sum += shifted.sum(axis=0)
+    return rows + 1.0 / tau, np.log(col_sum) + 1.0 / tau
 
 
 def negclip_loss(image: np.ndarray, text: np.ndarray, batches: list[list[np.ndarray]], *,
-                 tau: float = OPENAI_CLIP_TAU, block_rows: int = 2048) -> np.ndarray:
+                 tau: float = OPENAI_CLIP_TAU, block_elements: int = 1 << 24) -> np.ndarray:
     """negCLIPLoss of every row (float32) over the `batches` of each round (`random_batches`)."""
+    if not tau >= MIN_TAU:
+        raise ValueError(f"tau must be at least {MIN_TAU} (CLIP's learned temperature is clamped at 0.01), got {tau}")
     img, txt = normalised(image), normalised(text)
     if img.shape != txt.shape:
         raise ValueError(f"image embeddings {img.shape} and text embeddings {txt.shape} differ in shape")
@@ -67,7 +70,7 @@ def negclip_loss(image: np.ndarray, text: np.ndarray, batches: list[list[np.ndar
     penalty = np.zeros(len(img), dtype=np.float64)
     for batches_of_round in batches:
         for batch in batches_of_round:
-            rows, cols = _logsumexp_rows_and_columns(img[batch], txt[batch], tau, block_rows)
+            rows, cols = _logsumexp_rows_and_columns(img[batch], txt[batch], tau, block_elements)
             penalty[batch] += rows + cols
     rounds = max(1, len(batches))
     return (score - tau / (2 * rounds) * penalty).astype(np.float32)

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from filters.image_based import missing_embedding_mask
-from filters.negclip import OPENAI_CLIP_TAU, PAPER_BATCH_SIZE, PAPER_BATCHES, negclip_loss, random_batches
+from filters.negclip import MIN_TAU, OPENAI_CLIP_TAU, PAPER_BATCH_SIZE, PAPER_BATCHES, negclip_loss, random_batches
 from pipeline.global_steps import GlobalStep, GlobalStepError, pool_rows, register_global_step, write_file_columns
 from pools.format import ARCHS, load_npz
 
@@ -36,8 +36,9 @@ class NegClipSettings:
             raise GlobalStepError(f"--negclip-batch-size must be at least 2, got {self.batch_size}")
         if self.batches < 1:
             raise GlobalStepError(f"--negclip-batches must be at least 1, got {self.batches}")
-        if not self.tau > 0:
-            raise GlobalStepError(f"--negclip-tau must be positive, got {self.tau}")
+        if not self.tau >= MIN_TAU:
+            raise GlobalStepError(f"--negclip-tau must be at least {MIN_TAU} (CLIP's learned temperature is clamped "
+                                  f"at 0.01), got {self.tau}")
 
 
 def run_negclip(files: Sequence[Path], s: NegClipSettings, folder: Path) -> dict:
@@ -57,8 +58,9 @@ def run_negclip(files: Sequence[Path], s: NegClipSettings, folder: Path) -> dict
     for parquet, n in zip(files, rows):
         write_file_columns(folder, parquet, {f"negclip_loss_{s.arch}": values[offset:offset + n]})
         offset += n
+    per_round = -(-len(valid) // s.batch_size)
     return {"rows": len(image), "rows_without_embedding": len(image) - len(valid),
-            "batch_size": min(s.batch_size, len(valid)), "batches_per_round": -(-len(valid) // s.batch_size)}
+            "batch_size": -(-len(valid) // max(1, per_round)), "batches_per_round": per_round}
 
 
 for _arch in ARCHS:

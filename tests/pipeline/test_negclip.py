@@ -55,7 +55,7 @@ def test_formulas_on_small_inputs():
     batches = random_batches(70, 16, 3, seed=5)
     assert all(sorted(np.concatenate(r).tolist()) == list(range(70)) for r in batches)  # each row once a round
     assert [len(b) for b in batches[0]] == [14] * 5  # near-equal batches
-    ours = negclip_loss(img, txt, batches, tau=TAU, block_rows=6)  # several row blocks per batch
+    ours = negclip_loss(img, txt, batches, tau=TAU, block_elements=100)  # several row blocks per batch
     np.testing.assert_allclose(ours, restated_negclip(img, txt, batches), rtol=1e-5, atol=1e-5)
     assert ours[:35].mean() > ours[35:].mean()
     again = random_batches(70, 16, 3, seed=5)
