@@ -12,7 +12,6 @@ rows/s, and the command's total seconds and peak memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,21 +22,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench.filter import filter_command, run_measured  # noqa: E402
-from bench.semdedup import make_pool  # noqa: E402
+from bench.semdedup import make_pool, pool_parser  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=2_000_000, help="pool rows (default %(default)s)")
-    p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per metadata file (default %(default)s)")
+    p = pool_parser(__doc__)
     p.add_argument("--targets", type=int, default=10_000, help="NormSim target embeddings (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32_768, help="negCLIPLoss batch (default %(default)s)")
     p.add_argument("--batches", type=int, default=10, help="negCLIPLoss rounds K (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="the pool's seed (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="signal workers (default 2)")
-    p.add_argument("--executor", choices=["ray", "local"], default="ray", help="the filter's executor (default ray)")
-    p.add_argument("--work-dir", type=Path, default=Path("/tmp/datacomp_bench"),
-                   help="where the pool is cached and the outputs go (default %(default)s)")
     args = p.parse_args(argv)
     pool = make_pool(args.work_dir, args.rows, args.rows_per_file, args.seed)
     targets = args.work_dir / f"targets_{args.targets}.npy"

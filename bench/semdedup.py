@@ -54,16 +54,22 @@ def planted_recall(pool: Path, kept_path: Path) -> dict:
             "rows_without_copy": int((~planted).sum()), "rows_without_copy_kept": int(kept[~planted].sum())}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def pool_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of the cached pool and of the filter command (shared with bench/negclip.py)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=2_000_000, help="pool rows (default %(default)s)")
     p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per metadata file (default %(default)s)")
-    p.add_argument("--clusters", type=int, help="k-means clusters (default: the filter's, sqrt(rows))")
     p.add_argument("--seed", type=int, default=0, help="the pool's seed (default 0)")
     p.add_argument("--workers", type=int, default=2, help="signal workers (default 2)")
     p.add_argument("--executor", choices=["ray", "local"], default="ray", help="the filter's executor (default ray)")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/datacomp_bench"),
                    help="where the pool is cached and the outputs go (default %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = pool_parser(__doc__)
+    p.add_argument("--clusters", type=int, help="k-means clusters (default: the filter's, sqrt(rows))")
     args = p.parse_args(argv)
     pool = make_pool(args.work_dir, args.rows, args.rows_per_file, args.seed)
     out = args.work_dir / "semdedup_out"
