@@ -200,6 +200,7 @@ class SynthConfig:
     images: bool = True  # False: metadata only (no shards, no eval set)
     random_scores: bool = False  # fill scores + npz with random self-consistent values
     duplicates: float = 0.0  # rows in planted near-duplicate groups of 2-5 (plant_duplicate_groups)
+    eval_copies: int = 0  # rows whose image is a near-copy of an eval-set image (plant_eval_copies)
     url_base: str = "https://images.synthetic-pool.invalid"
     captions: CaptionMix = field(default_factory=CaptionMix)
     sizes: SizeMix = field(default_factory=SizeMix)
@@ -402,6 +403,7 @@ class _Rows:
     downloaded: np.ndarray
     duplicate_group: np.ndarray  # planted near-duplicate group of each row (-1: none)
     duplicate_source: np.ndarray  # the first row of the row's group (the row itself when none)
+    eval_copy: np.ndarray  # (concept, index within the concept) of the eval image a row copies; -1: none
 
 
 def _plan_rows(cfg: SynthConfig) -> _Rows:
@@ -419,6 +421,9 @@ def _plan_rows(cfg: SynthConfig) -> _Rows:
     sources = group_sources(duplicate_group)
     planted = duplicate_group >= 0
     concept[planted] = concept[sources[planted]]  # a copy shows what its source shows
+    eval_copy = plant_eval_copies(cfg, ~planted & downloaded)
+    copies = eval_copy[:, 0] >= 0
+    concept[copies] = eval_copy[copies, 0]
     has_face = rng.random(n) < 0.05
     boxes = rng.uniform(0, 0.5, size=(n, 2))
     face_bboxes = [[[round(x, 4), round(y, 4), round(x + 0.2, 4), round(y + 0.25, 4)]] if f else []
@@ -432,7 +437,7 @@ def _plan_rows(cfg: SynthConfig) -> _Rows:
         language.append(lang)
     url = [f"{cfg.url_base}/{u}.jpg" for u in uid]
     return _Rows(uid, url, text, width, height, face_bboxes, concept, caption_kind,
-                 caption_concept, language, size_kind, downloaded, duplicate_group, sources)
+                 caption_concept, language, size_kind, downloaded, duplicate_group, sources, eval_copy)
 
 
 GROUP_SIZES = (2, 3, 4, 5)
@@ -459,6 +464,33 @@ def plant_duplicate_groups(n: int, fraction: float, seed: int) -> np.ndarray:
     return group
 
 
+EVAL_SEED_OFFSET = 1_000_003  # the eval set's seed: the pool's seed plus this
+
+
+def plant_eval_copies(cfg: SynthConfig, allowed: np.ndarray) -> np.ndarray:
+    """(concept, index) of the eval image each row's image copies, (-1, -1) for most: `cfg.eval_copies`
+    rows drawn from `allowed` (downloaded rows outside the duplicate groups, so every copy is in
+    the shards), each copying a random eval image (several rows may copy the same one)."""
+    out = np.full((len(allowed), 2), -1, dtype=np.int64)
+    if cfg.eval_copies <= 0:
+        return out
+    candidates = np.flatnonzero(allowed)
+    if cfg.eval_copies > len(candidates):
+        raise ValueError(f"eval_copies={cfg.eval_copies} is more than the {len(candidates)} downloaded rows "
+                         "outside the duplicate groups")
+    rng = np.random.default_rng([cfg.seed, 10])
+    rows = np.sort(rng.choice(candidates, cfg.eval_copies, replace=False))
+    out[rows, 0] = rng.integers(len(CONCEPTS), size=len(rows))
+    out[rows, 1] = rng.integers(cfg.eval_per_class, size=len(rows))
+    return out
+
+
+def eval_image(cfg: SynthConfig, concept: int, index: int) -> Image.Image:
+    """The `index`-th eval image of `concept`, drawn as `write_eval_set` draws it."""
+    rng = np.random.default_rng([cfg.seed + EVAL_SEED_OFFSET, 5, concept, index])
+    return render_concept(concept, rng, width=cfg.image_px, height=cfg.image_px)
+
+
 def group_sources(group: np.ndarray) -> np.ndarray:
     """Per row, the first row of its planted group (itself when it has none)."""
     source = np.arange(len(group))
@@ -472,6 +504,9 @@ def group_sources(group: np.ndarray) -> np.ndarray:
 
 
 def _row_image(cfg: SynthConfig, rows: _Rows, i: int) -> bytes:
+    if rows.eval_copy[i, 0] >= 0:  # a near-copy of an eval image
+        return _near_copy(encode_jpeg(eval_image(cfg, int(rows.eval_copy[i, 0]), int(rows.eval_copy[i, 1]))),
+                          np.random.default_rng([cfg.seed, 11, i]))
     source = int(rows.duplicate_source[i])
     if source != i:  # a copy: the source re-encoded, resized or slightly cropped
         return _near_copy(_row_image(cfg, rows, source), np.random.default_rng([cfg.seed, 8, i]))
@@ -696,11 +731,13 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
+    if cfg.eval_copies and not cfg.images:
+        raise ValueError("eval copies need images (an eval set): leave out --metadata-only")
     rows = _plan_rows(cfg)
     n = cfg.samples
     if cfg.images:
         shard_of, key_of, sha_of = _write_shards(cfg, rows, tmp / "shards")
-        eval_count = write_eval_set(tmp / "eval", seed=cfg.seed + 1_000_003, per_class=cfg.eval_per_class,
+        eval_count = write_eval_set(tmp / "eval", seed=cfg.seed + EVAL_SEED_OFFSET, per_class=cfg.eval_per_class,
                                     image_px=cfg.image_px)
     else:
         shard_of, key_of = [-1] * n, [""] * n
@@ -739,7 +776,9 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         pq.write_table(part, tmp / "metadata" / f"{stem}.parquet")
         file_of[lo:hi] = stem
 
-    shown = np.where(rows.caption_kind == "off_target", NO_CONCEPT, rows.concept)  # what the image shows
+    # What the image shows: a planted copy shows its source's image, an eval copy its eval image.
+    off_target = (rows.caption_kind[rows.duplicate_source] == "off_target") & (rows.eval_copy[:, 0] < 0)
+    shown = np.where(off_target, NO_CONCEPT, rows.concept)
     truth = pa.table({
         "uid": rows.uid, "metadata_file": file_of.tolist(),
         "caption_kind": rows.caption_kind.tolist(), "concept": shown.astype(np.int64),
@@ -750,6 +789,9 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         # planted near-duplicates (--duplicates): the group (-1: none) and its first row's uid
         "duplicate_group": pa.array(rows.duplicate_group, pa.int64()),
         "duplicate_of": [rows.uid[s] if g >= 0 else None for g, s in zip(rows.duplicate_group, rows.duplicate_source)],
+        # planted near-copies of eval images (--eval-copies): the eval image's concept and index (-1: none)
+        "eval_copy_concept": pa.array(rows.eval_copy[:, 0], pa.int64()),
+        "eval_copy_index": pa.array(rows.eval_copy[:, 1], pa.int64()),
     })
     pq.write_table(truth, tmp / "ground_truth.parquet")
 
@@ -760,6 +802,7 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         "eval_images": eval_count, "eval_classes": len(CONCEPTS) if cfg.images else 0,
         "composition": _composition(rows), "scores": note,
         "duplicate_groups": {"groups": int(rows.duplicate_group.max() + 1), "rows": int((rows.duplicate_group >= 0).sum())},
+        "eval_copies": int((rows.eval_copy[:, 0] >= 0).sum()),
     }
     write_json_atomic(tmp / "pool.json", summary)
     if out.exists():
@@ -814,16 +857,22 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fraction of rows in planted near-duplicate groups of 2-5 (copies of one image: "
                              "re-encoded, resized, cropped; with --random-scores near-copies of one embedding), "
                              "recorded in ground_truth.parquet (default 0; the demo uses 0.15)")
+    parser.add_argument("--eval-copies", type=int, default=0,
+                        help="rows whose image is a near-copy (re-encoded, resized, cropped) of an eval-set "
+                             "image, recorded in ground_truth.parquet (eval_copy_concept, eval_copy_index); "
+                             "default 0, the demo uses 200")
     parser.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
     args = parser.parse_args(argv)
     if args.samples <= 0:
         parser.error("--samples must be positive")
     if not 0.0 <= args.duplicates <= 1.0:
         parser.error("--duplicates must be a fraction in [0, 1]")
+    if args.eval_copies < 0 or (args.eval_copies and args.metadata_only):
+        parser.error("--eval-copies must be a count >= 0, and needs images (no --metadata-only)")
     cfg = SynthConfig(samples=args.samples, seed=args.seed, rows_per_file=args.rows_per_file,
                       shard_size=args.shard_size, image_px=args.image_px,
                       eval_per_class=args.eval_per_class, images=not args.metadata_only,
-                      random_scores=args.random_scores, duplicates=args.duplicates)
+                      random_scores=args.random_scores, duplicates=args.duplicates, eval_copies=args.eval_copies)
     summary = generate(args.out, cfg, overwrite=args.overwrite)
     print(describe(args.out, summary))
     return summary
