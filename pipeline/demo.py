@@ -19,7 +19,8 @@ Stages, each a call into the project's own command-line modules, in order:
    NormSim, CLIP without eval near-copies). The image-based and NormSim targets, DataComp's
    ImageNet training images, are here the teachers' clean training images of the same
    concepts, embedded by the l14 teacher; the contamination check embeds the eval set with it.
-   The pool plants near-duplicate groups (`DEMO_DUPLICATES` of its rows) for SemDeDup to find.
+   The pool plants near-duplicate groups (`DEMO_DUPLICATES` of its rows) for SemDeDup to find
+   and near-copies of eval images (`DEMO_EVAL_COPIES` rows) for the contamination check.
 6. **reshard**: each subset into training shards (`pipeline.reshard`).
 7. **train**: a ``tiny`` fixed-budget run per strategy and training seed (`trainer.train`).
 8. **evaluate**: zero-shot top-1 on the synthetic eval set (`trainer.evaluate`).
@@ -62,6 +63,7 @@ DEMO_CHECKPOINTS = 5  # checkpoint intervals per run, as trainer.train's default
 # Beyond DataComp's baselines (pipeline/specs/): filtered, trained and compared beside them.
 RESEARCH_STRATEGIES = ("semdedup", "semdedup_clip", "negclip_normsim", "decontaminated")
 DEMO_DUPLICATES = 0.15  # rows of the demo pool in planted near-duplicate groups (pools.synth --duplicates)
+DEMO_EVAL_COPIES = 200  # rows of the demo pool whose image is a near-copy of an eval image (--eval-copies)
 # negCLIPLoss's random batches: the paper's 32,768 would be most of a tiny pool; 4,096 keeps ten
 # batches per round and the step to seconds on two cores.
 DEMO_NEGCLIP_BATCH = 4096
@@ -141,7 +143,8 @@ class Stages:
 def make_pool(cfg: DemoConfig) -> dict:
     from pools.synth import SynthConfig, generate
 
-    synth = SynthConfig(samples=cfg.pool_size(), seed=cfg.seed, duplicates=DEMO_DUPLICATES)
+    synth = SynthConfig(samples=cfg.pool_size(), seed=cfg.seed, duplicates=DEMO_DUPLICATES,
+                        eval_copies=DEMO_EVAL_COPIES)
     if cfg.eval_per_class is not None:
         synth = replace(synth, eval_per_class=cfg.eval_per_class)
     summary = generate(cfg.pool, synth)
@@ -231,7 +234,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # What each stage's outputs depend on: a change upstream invalidates everything below it.
     pool_settings = {"seed": cfg.seed, "scale": cfg.scale, "pool_samples": cfg.pool_size(),
-                     "eval_per_class": cfg.eval_per_class, "duplicates": DEMO_DUPLICATES}
+                     "eval_per_class": cfg.eval_per_class, "duplicates": DEMO_DUPLICATES,
+                     "eval_copies": DEMO_EVAL_COPIES}
     teacher_data_settings = {"seed": cfg.seed, "teacher_pool_samples": cfg.teacher_pool_samples}
     teacher_settings = {**teacher_data_settings, "teacher_samples_seen": cfg.teacher_budget()}
     scored_settings = {**pool_settings, "teachers": teacher_settings}
