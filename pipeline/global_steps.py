@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from pools.files import file_fingerprint, owner_tag
+from pools.files import file_fingerprint, owner_is_dead, owner_tag
 from pools.format import Pool
 
 RESULT_FILE = "result.json"
@@ -91,11 +91,8 @@ def run_global_step(name: str, files: Sequence[Path], settings, signals_dir: Pat
         log(f"{name}: reusing {folder}")
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".*.tmp-*"):  # what a killed run of this step left
-        owner = stale.name.split(".tmp-", 1)[1].split("-", 1)[0]
-        pid, _, host = owner.partition("@")
-        from pools.files import owner_is_dead
-
+    for stale in root.glob(".*.tmp-*"):  # what a killed run of this step left (the owner: <pid>@<host>)
+        pid, _, host = stale.name.split(".tmp-", 1)[1].rsplit("-", 1)[0].partition("@")
         if pid.isdigit() and owner_is_dead(int(pid), host):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{key}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}"

@@ -25,6 +25,7 @@ anyone's duplicate, and counted (``rows_without_embedding`` in result.json and s
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -94,9 +95,9 @@ def _train_centroids(files: Sequence[Path], rows: Sequence[int], s: SemDeDupSett
             f"{Path(files[0]).parent.parent if files else 'the pool'}: pass --semdedup-clusters at most "
             f"{valid_rows} (or leave it out: the default is sqrt(rows))")
     data = np.concatenate(sample) if sample else np.empty((0, 1), np.float32)
-    if len(data) < k:  # (a sparse sample of a pool barely larger than K)
-        data = np.concatenate([normalised(_embeddings(p, s.embedding, n)[0][_embeddings(p, s.embedding, n)[1]])
-                               for p, n in zip(files, rows)])
+    if len(data) < k:  # (a pool whose rows mostly lack an embedding: train on all of them)
+        data = np.concatenate([normalised(emb[valid]) for emb, valid in
+                               (_embeddings(p, s.embedding, n) for p, n in zip(files, rows))])
     kmeans = faiss.Kmeans(data.shape[1], k, niter=s.niter, seed=s.seed, spherical=True,
                           max_points_per_centroid=s.sample_per_cluster, min_points_per_centroid=1, verbose=False)
     kmeans.train(np.ascontiguousarray(data, dtype=np.float32))
@@ -144,7 +145,10 @@ def _deduplicate(parts: Path, partitions: int, total: int, s: SemDeDupSettings
         chunks = sorted((parts / str(p)).glob("*.npz"), key=lambda f: int(f.stem))
         if not chunks:
             continue
-        loaded = [dict(np.load(c, allow_pickle=False)) for c in chunks]
+        loaded = []
+        for chunk in chunks:
+            with np.load(chunk, allow_pickle=False) as npz:
+                loaded.append({k: npz[k] for k in npz.files})
         part = {k: np.concatenate([c[k] for c in loaded]) for k in loaded[0]}
         del loaded
         by_cluster = np.argsort(part["cluster"], kind="stable")
@@ -174,8 +178,6 @@ def run_semdedup(files: Sequence[Path], s: SemDeDupSettings, folder: Path) -> di
     parts = folder / "partitions"
     _partition(files, rows, s, centroids, parts, partitions)
     cluster_of, largest, preferred, biggest = _deduplicate(parts, partitions, total, s)
-    import shutil
-
     shutil.rmtree(parts)
     np.save(folder / "centroids.npy", centroids)
     offset = 0

@@ -44,9 +44,9 @@ def dup_pool(tmp_path_factory):
     return out
 
 
-def _truth(pool: Path):
+def _truth(pool: Path, arch: str = "l14"):
     truth = pq.read_table(pool / "ground_truth.parquet").to_pandas()
-    scores = np.concatenate([pq.read_table(p, columns=["clip_l14_similarity_score"]).column(0).to_numpy()
+    scores = np.concatenate([pq.read_table(p, columns=[f"clip_{arch}_similarity_score"]).column(0).to_numpy()
                              for p in sorted((pool / "metadata").glob("*.parquet"))])
     return truth, scores
 
@@ -86,11 +86,12 @@ def test_keep_orders():
     assert pos[random].tolist() == pos[shuffled][again].tolist()
 
 
-def test_semdedup_keeps_one_row_per_planted_group(dup_pool, tmp_path):
+@pytest.mark.parametrize("embedding", ["l14_img", "b32_img"])
+def test_semdedup_keeps_one_row_per_planted_group(dup_pool, tmp_path, embedding):
     out = tmp_path / "out"
     stats = main(["--pool", str(dup_pool), "--strategy", "semdedup", "--out", str(out), "--executor", "local",
-                  "--semdedup-clusters", "6", "--quiet"])
-    truth, scores = _truth(dup_pool)
+                  "--semdedup-clusters", "6", "--semdedup-embedding", embedding, "--quiet"])
+    truth, scores = _truth(dup_pool, embedding.split("_")[0])
     group = truth.duplicate_group.to_numpy()
     kept = np.zeros(len(truth), bool)
     kept[_kept_rows(out, "semdedup", truth)] = True
@@ -100,7 +101,8 @@ def test_semdedup_keeps_one_row_per_planted_group(dup_pool, tmp_path):
         assert kept[members].sum() == 1, (g, members)
         assert scores[members[kept[members]][0]] == scores[members].max()  # the keep rule: highest CLIP score
     step = stats["global_steps"]["semdedup"]
-    assert step["rows_without_embedding"] == 2 and step["clusters"] == 6 and step["rows"] == ROWS
+    assert step["rows_without_embedding"] == (2 if embedding == "l14_img" else 0)  # (the l14 rows were blanked)
+    assert step["clusters"] == 6 and step["rows"] == ROWS and step["settings"]["embedding"] == embedding
     assert step["rows_dropped_at"]["0.95"] == int((group >= 0).sum() - len(np.unique(group[group >= 0])))
     assert stats["strategies"]["semdedup"]["kept"] == int(kept.sum())
 
@@ -144,7 +146,12 @@ def test_more_clusters_than_rows_is_one_line(dup_pool, tmp_path):
 def test_result_is_reused_and_records_its_settings(dup_pool, tmp_path):
     args = ["--pool", str(dup_pool), "--strategy", "semdedup", "--out", str(tmp_path / "out"), "--executor", "local",
             "--signals-dir", str(tmp_path / "signals"), "--quiet", "--semdedup-clusters", "4"]
+    import socket
+
+    killed = tmp_path / "signals" / "global" / "semdedup" / f".0123.tmp-999999999@{socket.gethostname()}-abcdef12"
+    (killed / "partitions").mkdir(parents=True)  # what a killed run left
     main(args)
+    assert not killed.exists()
     first = list((tmp_path / "signals" / "global" / "semdedup").iterdir())
     record = json.loads((first[0] / "result.json").read_text())
     assert record["settings"]["clusters"] == 4 and record["settings"]["keep"] == "clip"
