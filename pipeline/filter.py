@@ -49,8 +49,8 @@ from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, n
 from pools.scales import SCALES, get_scale
 from pools.uids import records_from_halves, uid_keys, uids_to_records, write_subset
 
-from pipeline.strategies import (ALIASES, BUILTIN_SPECS, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, evaluate_steps,
-                                 groups_needed, required_metadata, resolve_strategies, selection_values,
+from pipeline.strategies import (ALIASES, BUILTIN_SPECS, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec,
+                                 evaluate_steps, groups_needed, required_metadata, resolve_strategies, selection_values,
                                  signals_needed, with_members)
 
 DATA_ROOT_ENV = "DATACOMP_DATA_ROOT"
@@ -341,15 +341,19 @@ def prepare_eval_sets(cfg: FilterConfig, groups: Sequence[str], device: str | No
     from pipeline.signals import SIGNAL_GROUPS
     from pipeline.targets import resolve_targets
 
-    if not any(MODELS[m].needs_eval_sets for g in groups for m in SIGNAL_GROUPS[g].models):
+    from pools.format import NPZ_KEYS
+
+    used = [g for g in groups if any(MODELS[m].needs_eval_sets for m in SIGNAL_GROUPS[g].models)]
+    if not used:
         return None
+    width = NPZ_KEYS[SIGNAL_GROUPS[used[0]].npz_keys[0]]  # the pool's embeddings they are compared with
     parts = []
     for entry in cfg.eval_sets:
         name, _, path = entry.rpartition("=")
         path = Path(path)
         name = name or (path.stem if path.is_file() else path.name)
         targets, _ = resolve_targets([path], model=cfg.targets_model, pretrained=cfg.targets_pretrained,
-                                     device=device or "cpu", dim=768)
+                                     device=device or "cpu", dim=width)
         parts.append((name, np.ascontiguousarray(targets, dtype=np.float32)))
     names = [n for n, _ in parts]
     if len(set(names)) < len(names):

@@ -75,3 +75,16 @@ def test_missing_eval_sets_is_a_clear_error(contaminated, tmp_path):
     with pytest.raises(FilterError, match="no evaluation sets: pass --eval-sets"):
         main(["--pool", str(pool), "--strategy", "decontaminated", "--out", str(tmp_path / "o"),
               "--signals-dir", str(tmp_path / "s"), "--executor", "local", "--quiet"])
+
+
+def test_eval_embeddings_of_another_width_are_one_line(contaminated, tmp_path):
+    import subprocess
+    import sys
+
+    pool, root, _ = contaminated
+    np.save(tmp_path / "narrow.npy", np.ones((4, 512), np.float32))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.filter", "--pool", str(pool), "--strategy", "decontaminated",
+                           "--eval-sets", str(tmp_path / "narrow.npy"), "--out", str(tmp_path / "o"), "--signals-dir",
+                           str(tmp_path / "s"), "--executor", "local"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "width 512" in proc.stderr.splitlines()[-1] and "768" in proc.stderr.splitlines()[-1]
