@@ -143,8 +143,3 @@ class ScorerResult(StepResult):
     def columns(self, file_name: str) -> dict[str, np.ndarray]:
         return {k: v for k, v in super().columns(file_name).items() if k.startswith("score_")}
 
-
-def result_fingerprint(folder: str | os.PathLike | None) -> str:
-    if folder is None:
-        raise GlobalStepError("the global step has not run")
-    return Path(folder).name
