@@ -46,3 +46,15 @@ def row_signals(uid, file_name: str, clip_b32_similarity_score=None, clip_l14_si
         if scores is not None:
             out[name] = nan_for_null(scores)
     return out
+
+
+def precomputed_columns(uid, file_name: str, **result) -> dict:
+    """The columns a global step computed for this file (`pipeline.global_steps`): `result` is
+    the one step result the group reads, anything with ``columns(file_name)``."""
+    (stored,) = result.values()
+    columns = stored.columns(file_name)
+    for name, values in columns.items():
+        if len(values) != len(uid):
+            raise ValueError(f"{name}: the global step stored {len(values)} rows for {file_name}, which has "
+                             f"{len(uid)}; delete its result folder to recompute")
+    return columns

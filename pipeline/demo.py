@@ -14,9 +14,13 @@ Stages, each a call into the project's own command-line modules, in order:
 3. **score**: both teachers embed the pool's images and captions into CommonPool's score
    columns and npz (`pipeline.score`).
 4. **centroids**: k-means over the pool's l14 image embeddings (`pipeline.centroids`).
-5. **filter**: every DataComp strategy (`pipeline.filter --strategy all`). The image-based
-   targets, DataComp's ImageNet training images, are here the teachers' clean training
-   images of the same concepts, embedded by the l14 teacher.
+5. **filter**: every DataComp strategy (`pipeline.filter --strategy all`) and the methods
+   beyond them (`RESEARCH_STRATEGIES`: SemDeDup, CLIP after SemDeDup, negCLIPLoss with
+   NormSim, CLIP without eval near-copies). The image-based and NormSim targets, DataComp's
+   ImageNet training images, are here the teachers' clean training images of the same
+   concepts, embedded by the l14 teacher; the contamination check embeds the eval set with it.
+   The pool plants near-duplicate groups (`DEMO_DUPLICATES` of its rows) for SemDeDup to find
+   and near-copies of eval images (`DEMO_EVAL_COPIES` rows) for the contamination check.
 6. **reshard**: each subset into training shards (`pipeline.reshard`).
 7. **train**: a ``tiny`` fixed-budget run per strategy and training seed (`trainer.train`).
 8. **evaluate**: zero-shot top-1 on the synthetic eval set (`trainer.evaluate`).
@@ -56,6 +60,13 @@ TEACHER_MODELS = {arch: f"teacher-{arch}" for arch in ARCHS}
 TEACHER_CAPTION_KINDS = ("match_entity", "match_plain")
 TEACHER_POOL_SEED_OFFSET = 1_000  # the teachers' pool: other images than the pool they score
 DEMO_CHECKPOINTS = 5  # checkpoint intervals per run, as trainer.train's default
+# Beyond DataComp's baselines (pipeline/specs/): filtered, trained and compared beside them.
+RESEARCH_STRATEGIES = ("semdedup", "semdedup_clip", "negclip_normsim", "decontaminated")
+DEMO_DUPLICATES = 0.15  # rows of the demo pool in planted near-duplicate groups (pools.synth --duplicates)
+DEMO_EVAL_COPIES = 200  # rows of the demo pool whose image is a near-copy of an eval image (--eval-copies)
+# negCLIPLoss's random batches: the paper's 32,768 would be most of a tiny pool; 4,096 keeps ten
+# batches per round and the step to seconds on two cores.
+DEMO_NEGCLIP_BATCH = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +78,7 @@ class DemoConfig:
     teacher_pool_samples: int | None = None  # None: as pool_samples
     teacher_samples_seen: int | None = None  # None: half the scale's budget (clean pairs learn fast)
     samples_seen: int | None = None  # None: the scale's fixed budget (anything else is non-standard)
-    strategies: tuple[str, ...] = ("all",)
+    strategies: tuple[str, ...] = ("all", *RESEARCH_STRATEGIES)
     train_seeds: tuple[int, ...] = (0,)
     eval_per_class: int | None = None  # None: pools.synth's default
     workers: int = 2  # data loader processes per training run
@@ -132,7 +143,8 @@ class Stages:
 def make_pool(cfg: DemoConfig) -> dict:
     from pools.synth import SynthConfig, generate
 
-    synth = SynthConfig(samples=cfg.pool_size(), seed=cfg.seed)
+    synth = SynthConfig(samples=cfg.pool_size(), seed=cfg.seed, duplicates=DEMO_DUPLICATES,
+                        eval_copies=DEMO_EVAL_COPIES)
     if cfg.eval_per_class is not None:
         synth = replace(synth, eval_per_class=cfg.eval_per_class)
     summary = generate(cfg.pool, synth)
@@ -222,7 +234,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # What each stage's outputs depend on: a change upstream invalidates everything below it.
     pool_settings = {"seed": cfg.seed, "scale": cfg.scale, "pool_samples": cfg.pool_size(),
-                     "eval_per_class": cfg.eval_per_class}
+                     "eval_per_class": cfg.eval_per_class, "duplicates": DEMO_DUPLICATES,
+                     "eval_copies": DEMO_EVAL_COPIES}
     teacher_data_settings = {"seed": cfg.seed, "teacher_pool_samples": cfg.teacher_pool_samples}
     teacher_settings = {**teacher_data_settings, "teacher_samples_seen": cfg.teacher_budget()}
     scored_settings = {**pool_settings, "teachers": teacher_settings}
@@ -248,13 +261,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     # Every built-in strategy is filtered (seconds), with the user's spec files; --strategy picks
     # what trains. A strategy's later stages depend on its own spec only.
     filter_settings = {**scored_settings, "spec_files": {specs[n].source: specs[n].hash for n in specs
-                                                         if specs[n].source != "builtin"}}
+                                                         if specs[n].source != "builtin"},
+                       "research": [specs[n].hash if n in specs else n for n in RESEARCH_STRATEGIES],
+                       "negclip_batch": DEMO_NEGCLIP_BATCH}
     strategy_settings = {n: {**scored_settings, "spec": specs[n].hash} for n in strategies}
     stages.run("filter", filter_settings,
                lambda: _filter_summary(filter_main([
-                   "--pool", str(cfg.pool), "--scale", cfg.scale, "--strategy", "all", *spec_files,
-                   "--centroids", str(centroids), "--targets", str(teachers / "data"),
-                   "--targets-model", str(teachers / "l14"), "--out", str(subsets), *executor])),
+                   "--pool", str(cfg.pool), "--scale", cfg.scale, "--strategy", "all", *RESEARCH_STRATEGIES,
+                   *spec_files, "--centroids", str(centroids), "--targets", str(teachers / "data"),
+                   "--targets-model", str(teachers / "l14"), "--eval-sets", f"synth={cfg.eval_dir}",
+                   "--negclip-batch-size", str(DEMO_NEGCLIP_BATCH), "--out", str(subsets), *executor])),
                outputs=[subsets])
     empty = []
     for name in strategies:
@@ -316,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training run per strategy and seed; several give the seed-to-seed noise "
                         "(default: 0)")
     p.add_argument("--strategy", nargs="+", default=list(DemoConfig.strategies), dest="strategies",
-                   help="strategies to compare: built-in names, all (default), and strategy files (.toml), "
-                        "which are filtered, trained and compared beside the built-ins")
+                   help="strategies to compare: built-in names, all (DataComp's baselines), and strategy files "
+                        "(.toml), which are filtered, trained and compared beside the built-ins (default: all "
+                        f"{' '.join(RESEARCH_STRATEGIES)})")
     p.add_argument("--workers", type=int, default=DemoConfig.workers, help="data loader processes per run")
     p.add_argument("--no-ray", action="store_true", help="run the pipeline stages without Ray")
     g = p.add_argument_group("a smaller demo (tests, quick looks; the runs are then non-standard)")

@@ -50,8 +50,8 @@ from pools.scales import SCALES, get_scale
 from pools.uids import (RepeatedKeys, SubsetWriter, halves_keys, records_from_halves, uid_keys,
                         uids_to_records)
 
-from pipeline.strategies import (ALIASES, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec, evaluate_steps,
-                                 groups_needed, required_metadata, resolve_strategies, selection_values,
+from pipeline.strategies import (ALIASES, BUILTIN_SPECS, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec,
+                                 evaluate_steps, groups_needed, required_metadata, resolve_strategies, selection_values,
                                  signals_needed, with_members)
 
 DATA_ROOT_ENV = "DATACOMP_DATA_ROOT"
@@ -104,6 +104,7 @@ class FilterConfig:
     threshold: float | None = None
     centroids: Path | None = None
     targets: tuple[Path, ...] = ()
+    eval_sets: tuple[str, ...] = ()  # [NAME=]PATH: eval images (folder or shards) or their embeddings (.npy)
     targets_model: str | None = None
     targets_pretrained: str | None = None
     lid_model: Path | None = None
@@ -117,6 +118,15 @@ class FilterConfig:
     keep_first_duplicate: bool = False  # a uid in two rows: keep the first (True) or stop naming both
     all_requested: bool = False  # --strategy all: image strategies without inputs are skipped
     progress: bool = True
+    # global steps (pipeline.semdedup, pipeline.negclip): run when a strategy reads their columns
+    semdedup_embedding: str = "l14_img"
+    semdedup_clusters: int | None = None  # default sqrt(rows with an embedding)
+    semdedup_keep: str = "clip"
+    semdedup_seed: int = 0
+    negclip_batch_size: int = 32_768
+    negclip_batches: int = 10
+    negclip_tau: float = 0.01
+    negclip_seed: int = 0
 
     @property
     def signals(self) -> Path:
@@ -240,6 +250,7 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
                  ) -> tuple[dict[str, str], Path | None]:
     """Strategy -> why its signals cannot be computed (npz keys, centroids, targets), and the
     centroids file when some strategy needs it."""
+    from pipeline.models import MODELS
     from pipeline.signals import SIGNAL_GROUPS
 
     reasons: dict[str, str] = {}
@@ -248,7 +259,8 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
     for name, spec in specs.items():
         groups = groups_needed(_closure(spec, specs))
         needs = [f"npz:{k}" for g in groups for k in SIGNAL_GROUPS[g].npz_keys]
-        needs += [f"model:{m}" for g in groups for m in SIGNAL_GROUPS[g].models if m in ("centroids", "target_centroids")]
+        needs += [f"model:{m}" for g in groups for m in SIGNAL_GROUPS[g].models
+                  if m == "centroids" or MODELS[m].needs_targets or MODELS[m].needs_eval_sets]
         for need in dict.fromkeys(needs):
             if need not in checked:
                 if need.startswith("npz:"):
@@ -259,6 +271,10 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
                         f"no centroids at {path}: make them with `python -m pipeline.centroids --pool "
                         f"{cfg.pool} --scale {cfg.scale}` or pass --centroids FILE (.npy or DataComp's .pt)")
                     centroids_path = Path(path) if Path(path).is_file() else centroids_path
+                elif MODELS[need[6:]].needs_eval_sets:
+                    checked[need] = None if cfg.eval_sets else (
+                        "no evaluation sets: pass --eval-sets with the eval images' folders (embedded with "
+                        "--targets-model) or .npy files of their l14 image embeddings")
                 else:
                     checked[need] = None if cfg.targets else (
                         "no targets: pass --targets with DataComp's in1k_clip_vit_l14_*.pt files, a .npy of "
@@ -267,6 +283,90 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
                 reasons[name] = checked[need]
                 break
     return reasons, centroids_path
+
+
+def run_global_steps(cfg: FilterConfig, files: Sequence[Path], groups: Sequence[str]) -> tuple[dict, dict]:
+    """Run (or reuse) every global step a needed signal group reads (`pipeline.global_steps`):
+    {step: result folder}, and {step: its counts (result.json)} for stats.json."""
+    from pipeline.global_steps import GLOBAL_STEPS, StepResult, run_global_step
+    from pipeline.signals import SIGNAL_GROUPS
+
+    needed = [m for g in groups for m in SIGNAL_GROUPS[g].models if m in GLOBAL_STEPS]
+    folders, counts = {}, {}
+    for name in dict.fromkeys(needed):
+        step = GLOBAL_STEPS[name]
+        settings = step.settings(cfg)
+        t = time.perf_counter()
+        folders[name] = str(run_global_step(name, files, settings, cfg.signals, log=lambda m: _log(cfg, m)))
+        record = StepResult(folders[name]).record
+        counts[name] = {k: v for k, v in record.items() if k not in ("inputs", "step")}
+        _log(cfg, f"{name}: {record.get('rows', 0):,} rows, {record.get('rows_without_embedding', 0):,} without "
+                  f"an embedding (never duplicates, NaN scores) ({time.perf_counter() - t:.1f}s)")
+    return folders, counts
+
+
+def prepare_normsim_targets(cfg: FilterConfig, groups: Sequence[str], device: str | None) -> str | None:
+    """The --targets NormSim reads, resolved once (files or an embedded image folder) into
+    ``<signals>/global/normsim_targets/<hash>.npy``, when a needed group reads them."""
+    import hashlib
+
+    from pipeline.models import MODELS
+    from pipeline.signals import SIGNAL_GROUPS
+    from pipeline.targets import resolve_targets
+    from pools.files import atomic_path
+    from pools.format import NPZ_KEYS
+
+    # (the groups that compare embeddings with the targets themselves, not through centroids)
+    used = [g for g in groups if SIGNAL_GROUPS[g].npz_keys and any(MODELS[m].needs_targets
+                                                                  for m in SIGNAL_GROUPS[g].models)]
+    if not used:
+        return None
+    width = NPZ_KEYS[SIGNAL_GROUPS[used[0]].npz_keys[0]]
+    targets, _ = resolve_targets(cfg.targets, model=cfg.targets_model, pretrained=cfg.targets_pretrained,
+                                 device=device or "cpu", dim=width)
+    targets = np.ascontiguousarray(targets, dtype=np.float32)
+    path = cfg.signals / "global" / "normsim_targets" / f"{hashlib.sha256(targets.tobytes()).hexdigest()[:16]}.npy"
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, targets)
+    return str(path)
+
+
+def prepare_eval_sets(cfg: FilterConfig, groups: Sequence[str], device: str | None) -> str | None:
+    """The --eval-sets, embedded once (image folders with --targets-model; .npy as they are) into
+    ``<signals>/global/eval_sets/<hash>.npz``, when a needed group reads them."""
+    import hashlib
+
+    from pipeline.models import MODELS, save_eval_sets
+    from pipeline.signals import SIGNAL_GROUPS
+    from pipeline.targets import resolve_targets
+
+    from pools.format import NPZ_KEYS
+
+    used = [g for g in groups if any(MODELS[m].needs_eval_sets for m in SIGNAL_GROUPS[g].models)]
+    if not used:
+        return None
+    width = NPZ_KEYS[SIGNAL_GROUPS[used[0]].npz_keys[0]]  # the pool's embeddings they are compared with
+    parts = []
+    for entry in cfg.eval_sets:
+        name, _, path = entry.rpartition("=")
+        path = Path(path)
+        name = name or (path.stem if path.is_file() else path.name)
+        targets, _ = resolve_targets([path], model=cfg.targets_model, pretrained=cfg.targets_pretrained,
+                                     device=device or "cpu", dim=width)
+        parts.append((name, np.ascontiguousarray(targets, dtype=np.float32)))
+    names = [n for n, _ in parts]
+    if len(set(names)) < len(names):
+        raise FilterError(f"--eval-sets: two sets are named {next(n for n in names if names.count(n) > 1)!r}; "
+                          "name them NAME=PATH")
+    digest = hashlib.sha256()
+    for name, emb in parts:
+        digest.update(name.encode() + b"\0" + emb.tobytes())
+    path = cfg.signals / "global" / "eval_sets" / f"{digest.hexdigest()[:16]}.npz"
+    if not path.is_file():
+        save_eval_sets(path, parts)
+    return str(path)
 
 
 def load_image_inputs(cfg: FilterConfig, centroids_path: Path, device: str | None) -> ImageInputs:
@@ -526,6 +626,33 @@ def _uid_records(table: pa.Table, rows: np.ndarray, parts: Sequence[tuple[Path, 
     raise AssertionError("unreachable")
 
 
+EVAL_COPY_COLUMNS = ("eval_max_similarity", "eval_task")
+EVAL_NEAR_COPY = 0.95  # stats.json counts rows at least this similar to an evaluation image
+
+
+class NearCopies:
+    """Rows that are near-copies of an evaluation image (eval_max_similarity >= EVAL_NEAR_COPY),
+    per task, in the pool and in each strategy's subset: stats.json's ``eval_near_copies``."""
+
+    def __init__(self, names: Sequence[str]):
+        self.pool: Counter = Counter()
+        self.kept: dict[str, Counter] = {n: Counter() for n in names}
+
+    def add(self, table: pa.Table, masks: Mapping[str, np.ndarray]) -> None:
+        near = to_numpy(table.column("eval_max_similarity")) >= EVAL_NEAR_COPY  # (NaN: no embedding)
+        rows = np.flatnonzero(near)
+        if not len(rows):
+            return
+        tasks = np.array(table.column("eval_task").take(from_numpy(rows)).to_pylist(), dtype=object)
+        self.pool.update(tasks.tolist())
+        for n, counter in self.kept.items():
+            counter.update(tasks[masks[n][rows]].tolist())
+
+    def as_dict(self, names: Sequence[str]) -> dict:
+        return {"threshold": EVAL_NEAR_COPY, "pool": dict(sorted(self.pool.items())),
+                "strategies": {n: dict(sorted(self.kept[n].items())) for n in names}}
+
+
 def keep_masks(table: pa.Table, specs: Mapping[str, StrategySpec], thresholds: Mapping[str, float],
                funnels: Mapping[str, Funnel] | None = None) -> dict[str, np.ndarray]:
     """Every strategy's keep mask on the rows of `table` (members before the strategies
@@ -649,6 +776,12 @@ def _run(cfg: FilterConfig) -> dict:
     files = pool_files(cfg.pool, cfg.scale)
     for folder in (cfg.out, cfg.signals):  # what a killed run was writing
         remove_stale_temporaries(folder)
+    from pipeline.score import named_scorers
+    from pipeline.signals import register_named_scorer
+
+    scorers = named_scorers(cfg.pool)  # pipeline.score --as NAME: columns score_<NAME>
+    for name in scorers:
+        register_named_scorer(name)
     overrides = cfg.spec_overrides()
     requested_specs = resolve_strategies(cfg.strategies, overrides)
     specs = with_members(requested_specs, overrides)  # what is evaluated: requested + intersected
@@ -670,17 +803,25 @@ def _run(cfg: FilterConfig) -> dict:
         _log(cfg, f"image-based: {len(image_inputs.target_ids)} of {len(image_inputs.centroids)} "
                   "centroids are nearest to a target")
 
-    # 1. signals
+    # 1. signals (after the global steps whose results some of them hand out)
     from pipeline.execution import Executor
     from pipeline.models import ModelSettings
     from pipeline.signals import SignalsSpec, group_keys
     from pipeline.signals_pass import run_signals_pass
 
+    t = time.perf_counter()
+    global_results, global_counts = run_global_steps(cfg, files, groups)
+    normsim_targets = prepare_normsim_targets(cfg, groups, device)
+    eval_sets = prepare_eval_sets(cfg, groups, device)
+    if global_results or normsim_targets or eval_sets:
+        timings["global_steps_s"] = time.perf_counter() - t
     models = ModelSettings(lid_model=str(cfg.lid_model) if cfg.lid_model else None,
                            morphy_repeat_rules=cfg.morphy_repeat_rules,
                            centroids=str(image_inputs.centroids_path) if image_inputs else None,
                            target_ids=tuple(int(i) for i in image_inputs.target_ids) if image_inputs else None,
-                           device=device)
+                           device=device, global_results=tuple(sorted({
+                               **global_results, **{f"scorer_{n}": str(p) for n, p in scorers.items()}}.items())),
+                           normsim_targets=normsim_targets, eval_sets=eval_sets)
     columns_read = sorted({c for s in specs.values() for c in s.columns()})
     # Strategies that read only the pool's own score columns need no signals pass (nor Ray).
     from_metadata = set(groups) == {"base"} and set(columns_read) <= set(SCORE_COLUMNS.values())
@@ -692,7 +833,7 @@ def _run(cfg: FilterConfig) -> dict:
         keys = group_keys(groups, models)
         spec = SignalsSpec(groups=groups, keys=keys, required_columns=required_metadata(specs.values(), groups),
                            models=models, gates=signals_needed(specs.values(), keys),
-                           skip_bad_files=cfg.skip_bad_files)
+                           skip_bad_files=cfg.skip_bad_files, named_scorers=tuple(scorers))
         executor = Executor(kind=cfg.executor, ray_address=cfg.ray_address, num_workers=cfg.num_workers,
                             use_gpu=device is not None and "centroid" in groups, helpers=cfg.helpers)
         signal_summaries = run_signals_pass(files, cfg.signals, spec, executor, progress=cfg.progress)
@@ -700,7 +841,7 @@ def _run(cfg: FilterConfig) -> dict:
         timings["signals_s"] = time.perf_counter() - t
 
     # 2. the global step (selection thresholds) and 3. the queries, over one source of columns
-    extra = [c for c in ("text_status", "image_embedding_missing") if c not in columns_read and
+    extra = [c for c in ("text_status", "image_embedding_missing", *EVAL_COPY_COLUMNS) if c not in columns_read and
              any(c in _group_columns(g) for g in groups)]
     if from_metadata:
         source = TableSource(files, metadata_reader(columns_read, skipped_files, cfg.skip_bad_files))
@@ -737,6 +878,7 @@ def _run(cfg: FilterConfig) -> dict:
     embeddings_missing = None  # rows without an image embedding, when it was read
     score_values = {c: 0 for c in columns_read if c in SCORE_COLUMNS.values()}  # non-missing scores
     files_seen = set()
+    near_copies = NearCopies(requested) if set(EVAL_COPY_COLUMNS) <= set(columns_read) | set(extra) else None
     for parts, table in source.batches():
         rows_read += table.num_rows
         files_seen.update(p for p, _ in parts)
@@ -749,6 +891,8 @@ def _run(cfg: FilterConfig) -> dict:
         for c in score_values:
             score_values[c] += int((~np.isnan(to_numpy(table.column(c)))).sum())
         masks = keep_masks(table, specs, thresholds, funnels)
+        if near_copies is not None:
+            near_copies.add(table, masks)
         wanted = [masks[n] for n in requested]
         rows = np.flatnonzero(np.logical_or.reduce(wanted)) if wanted else np.empty(0, np.int64)
         records = _uid_records(table, rows, parts)
@@ -790,6 +934,10 @@ def _run(cfg: FilterConfig) -> dict:
     scores_missing = {c: rows_read - repeated.count - n for c, n in score_values.items()}
     stats = _stats(cfg, requested, entries, funnels, rows_read, files_read, files, skipped_files, caption_counts,
                    selections, skipped_strategies, outputs, embeddings_missing, scores_missing, repeated)
+    if global_counts:
+        stats["global_steps"] = global_counts
+    if near_copies is not None:
+        stats["eval_near_copies"] = near_copies.as_dict(requested)
     _merge_write(cfg.out / "stats.json", stats)
     manifest = _manifest(cfg, requested, entries, files, signal_summaries, keys, groups, models, image_inputs,
                          selections, outputs, timings, device)
@@ -931,7 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"folder holding one pool per scale (default ${DATA_ROOT_ENV} or ./data)")
     g = parser.add_argument_group("strategies")
     g.add_argument("--strategy", nargs="+", default=["all"], metavar="NAME_OR_FILE",
-                   help=f"one or more of {', '.join(STRATEGIES)}, all (default: the built-ins), or strategy "
+                   help=f"one or more of {', '.join(BUILTIN_SPECS)}, all (default: DataComp's baselines), or strategy "
                         f"files (.toml, see pipeline/specs/); DataComp's names ({', '.join(ALIASES)}) work too")
     g.add_argument("--list-signals", action="store_true",
                    help="print every signal column a rule can name (group, type, meaning) and exit")
@@ -948,6 +1096,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--targets", type=Path, nargs="+", default=[], help="target image embeddings: .npy "
                    "files of shape (n, 768), DataComp's in1k_clip_vit_l14_*.pt files, or image folders "
                    "(embedded with --targets-model)")
+    g.add_argument("--eval-sets", nargs="+", default=[], metavar="[NAME=]PATH",
+                   help="evaluation sets for the contamination signal (eval_max_similarity, eval_task): image "
+                        "folders or webdataset shards (embedded with --targets-model: the pool's L/14) or .npy "
+                        "files of their l14 image embeddings; NAME defaults to the folder or file name")
     g.add_argument("--targets-model", help="CLIP model for target image folders: an open_clip name (with "
                    "--targets-pretrained), a trainer.train run folder or checkpoint, an open_clip_train log "
                    "folder or checkpoint, or local-dir:DIR")
@@ -957,6 +1109,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nltk-morphy", choices=["3.8.1", "current"], default="3.8.1",
                    help="WordNet lemmatiser behaviour for the text filter: NLTK 3.8.1's, as DataComp ran "
                         "(default), or the installed NLTK's (one round of suffix rules)")
+    g = parser.add_argument_group("global steps (strategies reading semdedup_* or negclip_loss_* columns)")
+    g.add_argument("--semdedup-embedding", choices=["l14_img", "b32_img"], default="l14_img",
+                   help="npz embeddings SemDeDup clusters and compares (default %(default)s)")
+    g.add_argument("--semdedup-clusters", type=int, help="k-means clusters for SemDeDup (default: the square root "
+                   "of the rows with an embedding, which balances assignment and within-cluster cost)")
+    g.add_argument("--semdedup-keep", choices=["clip", "hard", "easy", "random"], default="clip",
+                   help="which row of a duplicate group SemDeDup keeps: the highest CLIP score (default), the "
+                        "farthest from the cluster centroid (hard, SemDeDup's), the nearest (easy), or random")
+    g.add_argument("--semdedup-seed", type=int, default=0, help="seed of k-means and of --semdedup-keep random")
+    g.add_argument("--negclip-batch-size", type=int, default=32_768,
+                   help="rows per random batch for negCLIPLoss (default %(default)s, the paper's)")
+    g.add_argument("--negclip-batches", type=int, default=10,
+                   help="random batches each row is scored in (K, default %(default)s)")
+    g.add_argument("--negclip-tau", type=float, default=0.01,
+                   help="teacher temperature for negCLIPLoss (default %(default)s, OpenAI CLIP's)")
+    g.add_argument("--negclip-seed", type=int, default=0, help="seed of negCLIPLoss's random batches")
     g = parser.add_argument_group("output")
     g.add_argument("--out", type=Path, help="folder for <strategy>.npy, stats.json, manifest.json")
     g.add_argument("--signals-dir", type=Path, help="where the pool's per-file signals are stored and "
@@ -994,12 +1162,16 @@ def config_from_args(args: argparse.Namespace) -> FilterConfig:
     return FilterConfig(
         pool=pool, scale=args.scale, strategies=tuple(args.strategy), out=args.out,
         signals_dir=args.signals_dir, arch=args.arch, fraction=args.fraction, threshold=args.threshold,
-        centroids=args.centroids, targets=tuple(args.targets),
+        centroids=args.centroids, targets=tuple(args.targets), eval_sets=tuple(args.eval_sets),
         targets_model=args.targets_model, targets_pretrained=args.targets_pretrained, lid_model=args.lid_model,
         morphy_repeat_rules=args.nltk_morphy == "3.8.1", executor=args.executor, ray_address=args.ray_address,
         num_workers=max(1, args.num_workers), helpers=args.helpers, device=args.device,
         skip_bad_files=args.on_bad_file == "skip", keep_first_duplicate=args.on_duplicate_uid == "keep-first",
-        all_requested="all" in args.strategy, progress=not args.quiet)
+        all_requested="all" in args.strategy, progress=not args.quiet,
+        semdedup_embedding=args.semdedup_embedding, semdedup_clusters=args.semdedup_clusters,
+        semdedup_keep=args.semdedup_keep, semdedup_seed=args.semdedup_seed,
+        negclip_batch_size=args.negclip_batch_size, negclip_batches=args.negclip_batches,
+        negclip_tau=args.negclip_tau, negclip_seed=args.negclip_seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1017,6 +1189,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.cluster import RayStartError
+    from pipeline.global_steps import GlobalStepError
     from pipeline.models import ModelInputError
     from pipeline.signals import SignalsError
 
@@ -1024,7 +1197,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (OSError: a folder that cannot be written, a full disk; its message names the path)
     with one_line_errors(argv, FilterError, PoolFormatError, ModelInputError, SignalsError, SpecError, RayStartError,
-                         OSError):
+                         GlobalStepError, OSError):
         for flag, folder in (("--out", cfg.out), ("--signals-dir", cfg.signals)):
             if folder.exists() and not folder.is_dir():
                 raise FilterError(f"{flag} {folder} is a file, not a folder")

@@ -322,6 +322,9 @@ class ModelSettings:
     centroids: str | None = None  # pool centroids file for the image-based rule
     target_ids: tuple[int, ...] | None = None  # centroids nearest to a target embedding
     device: str | None = None  # "cuda[:i]" for centroid assignment; None: CPU
+    global_results: tuple[tuple[str, str], ...] = ()  # global step (its model name) -> its result folder
+    normsim_targets: str | None = None  # .npy of the target embeddings NormSim reads (--targets, resolved)
+    eval_sets: str | None = None  # .npz of the eval images' embeddings and tasks (--eval-sets, resolved)
 
 
 class MemoLabeler:
@@ -370,6 +373,8 @@ class ModelEntry:
     load: Callable[[ModelSettings], object]
     fingerprint: Callable[[ModelSettings], str]
     meaning: str
+    needs_targets: bool = False  # built from --targets
+    needs_eval_sets: bool = False  # built from --eval-sets
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -395,5 +400,95 @@ MODELS: dict[str, ModelEntry] = {
         load=lambda s: np.asarray(_needs(s.target_ids, "target centroids", "--targets"), dtype=np.int64),
         fingerprint=lambda s: hashlib.sha256(np.asarray(_needs(s.target_ids, "target centroids", "--targets"),
                                                         dtype=np.int64).tobytes()).hexdigest()[:16],
-        meaning="the centroids nearest to a target embedding (--targets with --centroids)"),
+        meaning="the centroids nearest to a target embedding (--targets with --centroids)", needs_targets=True),
 }
+
+
+def _step_result(settings: ModelSettings, name: str) -> str:
+    return _needs(dict(settings.global_results).get(name), f"result of the global step {name}",
+                  "a strategy reading its columns to pipeline.filter")
+
+
+def _normsim_targets(settings: ModelSettings, arch: str) -> np.ndarray:
+    from pools.format import NPZ_KEYS
+
+    path = _needs(settings.normsim_targets, "NormSim target embeddings", "--targets")
+    arr = load_matrix(path, "targets")
+    width = NPZ_KEYS[f"{arch}_img"]
+    if arr.shape[1] != width:
+        raise ModelInputError(f"the --targets embeddings have width {arr.shape[1]}; NormSim over {arch}_img needs "
+                              f"{width} ({arch} targets; for an image folder pass the {arch} model as --targets-model)")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _register_derived_models() -> None:
+    """Entries derived from other registries: each global step's result folder, and NormSim's
+    targets per arch."""
+    from pipeline.global_steps import GLOBAL_STEPS, StepResult
+    from pools.format import ARCHS
+
+    import pipeline.negclip  # noqa: F401  (they register their global steps)
+    import pipeline.semdedup  # noqa: F401
+
+    for name, step in GLOBAL_STEPS.items():
+        MODELS[name] = ModelEntry(load=lambda s, n=name: StepResult(_step_result(s, n)),
+                                  fingerprint=lambda s, n=name: Path(_step_result(s, n)).name,
+                                  meaning=step.meaning)
+    for arch in ARCHS:
+        MODELS[f"normsim_targets_{arch}"] = ModelEntry(
+            load=lambda s, a=arch: _normsim_targets(s, a),
+            fingerprint=lambda s: file_fingerprint(_needs(s.normsim_targets, "NormSim targets", "--targets"))[:16],
+            meaning=f"target image embeddings for NormSim over {arch}_img (--targets)", needs_targets=True)
+
+
+_register_derived_models()
+
+
+def register_scorer_model(name: str) -> str:
+    """The model entry of the named scorer `name` (`pipeline.score --as NAME`): its folder comes
+    in ModelSettings.global_results like a global step's. Returns the entry's name."""
+    from pipeline.global_steps import ScorerResult
+
+    key = f"scorer_{name}"
+    MODELS.setdefault(key, ModelEntry(
+        load=lambda s: ScorerResult(_step_result(s, key)),
+        fingerprint=lambda s: file_fingerprint(Path(_step_result(s, key)) / "result.json")[:16],
+        meaning=f"the named scorer {name} (pipeline.score --as {name})"))
+    return key
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """Evaluation images' embeddings (m, d) float32, each one's task index, the task names, and
+    each task's first row."""
+
+    embeddings: np.ndarray
+    task: np.ndarray
+    names: tuple[str, ...]
+    first: np.ndarray
+
+
+def save_eval_sets(path: Path, parts: Sequence[tuple[str, np.ndarray]]) -> None:
+    """Write (name, embeddings) of every task as one .npz (plain arrays: no pickles)."""
+    sizes = [len(e) for _, e in parts]
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, embeddings=np.concatenate([e for _, e in parts]).astype(np.float32),
+                     task=np.repeat(np.arange(len(parts)), sizes), names=np.array([n for n, _ in parts]),
+                     first=np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+
+
+def load_eval_sets(path: str | os.PathLike, dim: int = 768) -> EvalSets:
+    with np.load(path, allow_pickle=False) as npz:
+        sets = EvalSets(embeddings=np.ascontiguousarray(npz["embeddings"], dtype=np.float32), task=npz["task"],
+                        names=tuple(str(n) for n in npz["names"]), first=npz["first"])
+    if sets.embeddings.shape[1] != dim:
+        raise ModelInputError(f"the --eval-sets embeddings have width {sets.embeddings.shape[1]}; the pool's l14_img "
+                              f"embeddings have {dim} (embed image folders with the pool's L/14 as --targets-model)")
+    return sets
+
+
+MODELS["eval_sets"] = ModelEntry(
+    load=lambda s: load_eval_sets(_needs(s.eval_sets, "eval sets", "--eval-sets")),
+    fingerprint=lambda s: file_fingerprint(_needs(s.eval_sets, "eval sets", "--eval-sets"))[:16],
+    meaning="evaluation images embedded by the pool's teacher, with their tasks (--eval-sets)", needs_eval_sets=True)

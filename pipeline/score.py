@@ -24,6 +24,13 @@ anyway; the image-based filter and `pipeline.centroids` treat an all-zero row as
 be 512 (b32) or 768 (l14), as in CommonPool; a model of another width is refused (projecting
 it would make embeddings that no longer come from the model). Without ``--as`` the width picks.
 
+``--as NAME`` with any other name (a researcher's own filtering network, DFN-style) leaves
+CommonPool's columns alone and writes a *named scorer*: ``<pool>/scores/<NAME>/<stem>.npz``
+with ``score_<NAME>`` (float32, row-aligned with the parquet) and ``<NAME>_img`` /
+``<NAME>_txt`` (float16, the model's own width), and ``result.json`` (the summary). The
+filter then offers ``score_<NAME>`` as a signal column like any other (``score_mydfn >= 0.3``
+or a top fraction in a strategy spec).
+
 Embedding runs as a Ray Data ``map_batches`` over shards with an actor pool: each actor loads
 the model once, decodes images in a thread pool while the model runs, batches them
 (``--batch-size``) and, on a GPU (``--num-gpus`` per actor), uses bf16 autocast. Each shard's
@@ -37,6 +44,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -58,6 +66,16 @@ from pools.uids import UID_DTYPE, uids_to_records
 ARCH_WIDTH = {"b32": NPZ_KEYS["b32_img"], "l14": NPZ_KEYS["l14_img"]}
 STAGING_DIR = ".scoring"
 ACTORS_START_TIMEOUT_S = 600
+SCORERS_DIR = "scores"  # <pool>/scores/<NAME>/: the named scorers (--as NAME)
+SCORER_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def named_scorers(pool: Path) -> dict[str, Path]:
+    """The finished named scorers of a pool: name -> folder (those with a result.json)."""
+    root = Path(pool) / SCORERS_DIR
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if SCORER_NAME.fullmatch(p.name) and (p / "result.json").is_file()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +95,9 @@ class ScoreConfig:
     skip_bad_shards: bool = False  # a shard that is not a readable tar is left out and listed, not fatal
 
     def __post_init__(self) -> None:
-        if self.arch is not None and self.arch not in ARCH_WIDTH:
-            raise ValueError(f"--as must be one of {', '.join(ARCH_WIDTH)}, got {self.arch!r}")
+        if self.arch is not None and self.arch not in ARCH_WIDTH and not SCORER_NAME.fullmatch(self.arch):
+            raise ValueError(f"--as must be b32, l14 (CommonPool's columns) or a scorer name of lowercase letters, "
+                             f"digits and _ (score_<NAME>), got {self.arch!r}")
         for name in ("batch_size", "num_actors", "cpus_per_actor", "decode_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -121,6 +140,8 @@ def embed_width(model) -> int:
 
 def resolve_arch(width: int, arch: str | None, model: str) -> str:
     """Which CommonPool columns this model fills; refuses a width CommonPool does not have."""
+    if arch is not None and arch not in ARCH_WIDTH:
+        return arch  # a named scorer keeps the model's own width
     if arch is None:
         matches = [a for a, w in ARCH_WIDTH.items() if w == width]
         if not matches:
@@ -214,7 +235,7 @@ class ShardEmbedder:
         t0 = time.perf_counter()
         samples = read_shard_samples(shard)
         read_s = time.perf_counter() - t0
-        n, width = len(samples), ARCH_WIDTH[self.arch]
+        n, width = len(samples), embed_width(self.model)
         img_emb = np.zeros((n, width), dtype=NPZ_DTYPE)
         txt_emb = np.zeros((n, width), dtype=NPZ_DTYPE)
         decoded_ok = np.zeros(n, dtype=bool)
@@ -338,13 +359,11 @@ def load_staged(out_dir: Path, shards: list[Path]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in merged.items()}
 
 
-def write_scores(parquet: Path, arch: str, staged: dict[str, np.ndarray]) -> dict[str, int]:
-    """Fill one metadata file's score column and npz keys from the staged results; returns counts."""
-    table = pq.read_table(parquet)
-    read_metadata(parquet, ["uid", SCORE_COLUMNS[arch]])  # schema check with a clear error
-    n = table.num_rows
-    width = ARCH_WIDTH[arch]
-    records = uids_to_records(table.column("uid"))
+def _joined(uid: pa.ChunkedArray, staged: dict[str, np.ndarray], width: int):
+    """The staged results in the order of a metadata file's `uid` column: (image and text
+    embeddings, score, found in the shards, has an image); NaN and zeros where there is none."""
+    n = len(uid)
+    records = uids_to_records(uid)
     index = np.searchsorted(staged["uid"], records) if len(staged["uid"]) else np.zeros(n, dtype=np.int64)
     found = np.zeros(n, dtype=bool)
     if len(staged["uid"]):
@@ -362,7 +381,31 @@ def write_scores(parquet: Path, arch: str, staged: dict[str, np.ndarray]) -> dic
     scores[~has_image] = np.nan
     img[~has_image] = 0
     txt[~has_image] = 0
+    return img, txt, scores, found, has_image
 
+
+def _counts(found: np.ndarray, has_image: np.ndarray) -> dict[str, int]:
+    return {"rows": len(found), "scored": int(has_image.sum()), "missing_from_shards": int((~found).sum()),
+            "image_decode_failed": int((found & ~has_image).sum())}
+
+
+def write_named_scores(parquet: Path, name: str, staged: dict[str, np.ndarray], folder: Path, width: int
+                       ) -> dict[str, int]:
+    """A named scorer's columns for one metadata file: ``<folder>/<stem>.npz``; returns counts."""
+    uid = read_metadata(parquet, ["uid"]).column("uid")
+    img, txt, scores, found, has_image = _joined(uid, staged, width)
+    with atomic_path(Path(folder) / f"{parquet.stem}.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{f"score_{name}": scores, f"{name}_img": img, f"{name}_txt": txt})
+    return _counts(found, has_image)
+
+
+def write_scores(parquet: Path, arch: str, staged: dict[str, np.ndarray]) -> dict[str, int]:
+    """Fill one metadata file's score column and npz keys from the staged results; returns counts."""
+    table = pq.read_table(parquet)
+    read_metadata(parquet, ["uid", SCORE_COLUMNS[arch]])  # schema check with a clear error
+    n = table.num_rows
+    img, txt, scores, found, has_image = _joined(table.column("uid"), staged, ARCH_WIDTH[arch])
     column = SCORE_COLUMNS[arch]
     table = table.set_column(table.schema.get_field_index(column), pa.field(column, pa.float32()),
                              pa.array(scores, type=pa.float32()))
@@ -380,8 +423,7 @@ def write_scores(parquet: Path, arch: str, staged: dict[str, np.ndarray]) -> dic
             np.savez_compressed(f, **arrays)
     with atomic_path(parquet) as tmp:
         pq.write_table(table, tmp)
-    return {"rows": n, "scored": int(has_image.sum()), "missing_from_shards": int((~found).sum()),
-            "image_decode_failed": int((found & ~has_image).sum())}
+    return _counts(found, has_image)
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -395,7 +437,10 @@ def score_pool(cfg: ScoreConfig) -> dict:
         raise PoolFormatError(f"{pool.shards_dir} holds no shards: scoring needs the images "
                               "(download them with python -m pools.download)")
     probe, _, _, desc = load_scoring_model(cfg.model, cfg.pretrained)
-    arch = resolve_arch(embed_width(probe), cfg.arch, cfg.model)
+    width = embed_width(probe)
+    arch = resolve_arch(width, cfg.arch, cfg.model)
+    named = arch not in ARCH_WIDTH
+    scorer_dir = pool.root / SCORERS_DIR / arch
     del probe
     summary_path = pool.root / f"score_{arch}.json"
     for folder in (pool.root, pool.metadata_dir, pool.root / STAGING_DIR / arch):  # what a killed run was writing
@@ -428,8 +473,13 @@ def score_pool(cfg: ScoreConfig) -> dict:
                 expected = None  # no readable _stats.json either
             failed.append({**json.loads(_failed_marker(out_dir, shard).read_text()), "expected_samples": expected})
     counts = {"rows": 0, "scored": 0, "missing_from_shards": 0, "image_decode_failed": 0}
+    if named:
+        scorer_dir.mkdir(parents=True, exist_ok=True)
+        (scorer_dir / "result.json").unlink(missing_ok=True)  # finished again only when every file is
     for parquet in tqdm(metadata_files, desc="writing scores", unit="file", file=sys.stderr):
-        for k, v in write_scores(parquet, arch, staged).items():
+        written = (write_named_scores(parquet, arch, staged, scorer_dir, width) if named
+                   else write_scores(parquet, arch, staged))
+        for k, v in written.items():
             counts[k] += v
     in_metadata = np.zeros(len(staged["uid"]), dtype=bool)
     for parquet in metadata_files:
@@ -437,7 +487,8 @@ def score_pool(cfg: ScoreConfig) -> dict:
         pos = np.minimum(np.searchsorted(recs, staged["uid"]), max(len(recs) - 1, 0))
         in_metadata |= (recs[pos] == staged["uid"]) if len(recs) else False
     summary = {
-        "arch": arch, "score_column": SCORE_COLUMNS[arch], "npz_keys": [f"{arch}_img", f"{arch}_txt"],
+        "arch": arch, "score_column": f"score_{arch}" if named else SCORE_COLUMNS[arch],
+        "npz_keys": [f"{arch}_img", f"{arch}_txt"], **({"folder": str(scorer_dir), "width": width} if named else {}),
         **counts, "shard_samples": int(len(staged["uid"])),
         "shard_samples_not_in_metadata": int((~in_metadata).sum()),
         "shards": len(shards), "shards_embedded_this_run": len(results),
@@ -451,6 +502,8 @@ def score_pool(cfg: ScoreConfig) -> dict:
         "signature": signature,
     }
     write_json_atomic(summary_path, summary)
+    if named:
+        write_json_atomic(scorer_dir / "result.json", {"step": "score", **summary})
     shutil.rmtree(pool.root / STAGING_DIR / arch)
     if not any((pool.root / STAGING_DIR).iterdir()):
         (pool.root / STAGING_DIR).rmdir()
@@ -484,9 +537,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrained", default=None,
                         help="open_clip checkpoint file for a model name (nothing is downloaded; without it "
                              "a named model has random weights)")
-    parser.add_argument("--as", dest="arch", choices=sorted(ARCH_WIDTH), default=None,
+    parser.add_argument("--as", dest="arch", default=None, metavar="b32|l14|NAME",
                         help="which CommonPool columns to fill: b32 (512-d) or l14 (768-d); default: from "
-                             "the model's embedding width")
+                             "the model's embedding width. Any other NAME (lowercase letters, digits, _) "
+                             "writes a named scorer instead: signal score_<NAME> for strategy specs, "
+                             "embeddings <NAME>_img/_txt, in <pool>/scores/<NAME>/")
     parser.add_argument("--batch-size", type=int, default=ScoreConfig.batch_size,
                         help="images per model call (default %(default)s)")
     parser.add_argument("--num-actors", type=int, default=1, help="model replicas (Ray actors) (default 1)")

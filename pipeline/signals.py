@@ -31,6 +31,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
@@ -40,16 +41,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from filters.arrays import from_numpy, to_numpy
+from filters.contamination import contamination_signals
 from filters.entity import entity_signals
 from filters.expressions import rule_columns, rule_outcomes, signal_frame
 from filters.image_based import centroid_signals, embedding_signals, target_centroid_signals
+from filters.faces import face_signals
 from filters.image_size import size_signals
 from filters.language import cld3_signals, fasttext_signals
-from filters.rows import row_signals
+from filters.negclip import normsim_signals
+from filters.rows import precomputed_columns, row_signals
 from filters.text import caption_signals
 from pipeline.models import MODELS, ModelSettings
 from pools.files import atomic_path, file_fingerprint
-from pools.format import SCORE_COLUMNS, Pool, PoolFormatError, load_npz, validate_metadata_schema
+from pools.format import ARCHS, SCORE_COLUMNS, Pool, PoolFormatError, load_npz, validate_metadata_schema
 
 if TYPE_CHECKING:
     import polars as pl
@@ -194,7 +198,56 @@ register_signal(SignalGroup(
     models=("target_centroids",), cost=5, columns=(
         _S("nearest_centroid_in_targets", "bool",
            "the row's nearest centroid is nearest to some target embedding (DataComp's image-based rule)"),)))
+register_signal(SignalGroup(
+    name="faces", version=1, compute=face_signals, reads=("face_bboxes",), columns=(
+        _S("face_count", "int32", "faces CommonPool's pipeline detected (boxes in face_bboxes; null: not run)"),
+        _S("face_area_fraction", "float32", "fraction of the image the face boxes cover (their union)"))))
+register_signal(SignalGroup(
+    name="contamination", version=1, compute=contamination_signals, npz_keys=("l14_img",), models=("eval_sets",),
+    cost=4, columns=(
+        _S("eval_max_similarity", "float32",
+           "largest cosine similarity of l14_img to an --eval-sets image (NaN: no embedding)"),
+        _S("eval_task", "label", "the task (--eval-sets name) of that most similar evaluation image"),
+        _S("eval_nearest", "int32", "that image's index within its task (its order in the task's files)"))))
+register_signal(SignalGroup(
+    name="semdedup", version=1, compute=precomputed_columns, reads=("uid",), models=("semdedup",), cost=4,
+    wants_file_name=True, columns=(
+        _S("semdedup_cluster", "int32", "SemDeDup's k-means cluster of the row's image embedding (-1: no embedding)"),
+        _S("semdedup_max_similarity", "float32",
+           "largest cosine similarity of the row's image to another row of its cluster (-1: none)"),
+        _S("semdedup_preferred_similarity", "float32",
+           "largest cosine similarity to a row before it in its cluster's keep order (-1: none); SemDeDup "
+           "drops the row when this is above its threshold"))))
+for _arch in ARCHS:
+    register_signal(SignalGroup(
+        name=f"negclip_{_arch}", version=1, compute=precomputed_columns, reads=("uid",), models=(f"negclip_{_arch}",),
+        cost=4, wants_file_name=True, columns=(
+            _S(f"negclip_loss_{_arch}", "float32",
+               f"negCLIPLoss from the {_arch} embeddings: the CLIP score minus the contrastive loss terms of "
+               "random batches (NaN: no embedding)"),)))
+    register_signal(SignalGroup(
+        name=f"normsim_{_arch}", version=1, compute=partial(normsim_signals, _arch), npz_keys=(f"{_arch}_img",),
+        models=(f"normsim_targets_{_arch}",), cost=4, columns=(
+            _S(f"normsim2_{_arch}", "float32",
+               f"NormSim-2: root of the summed squared cosines of {_arch}_img to the --targets (NaN: no embedding)"),
+            _S(f"normsim_inf_{_arch}", "float32",
+               f"NormSim-inf: largest cosine of {_arch}_img to a --targets embedding (NaN: no embedding)"))))
 del _S
+
+
+def register_named_scorer(name: str) -> str:
+    """The signal group ``score_<name>`` of a named scorer (`pipeline.score --as NAME`), registered
+    when a pool has one (`pipeline.filter` and every worker do this); returns the column."""
+    from pipeline.models import register_scorer_model
+
+    column = f"score_{name}"
+    if column not in SIGNAL_GROUPS:
+        register_signal(SignalGroup(
+            name=column, version=1, compute=precomputed_columns, reads=("uid",), models=(register_scorer_model(name),),
+            cost=4, wants_file_name=True, columns=(SignalColumn(
+                column, "float32", f"image-text cosine of the named scorer {name} (pipeline.score --as {name}; "
+                                   "NaN: no image)"),)))
+    return column
 
 
 # --- what derives from the declarations --------------------------------------------------------
@@ -289,6 +342,7 @@ class SignalsSpec:
     models: ModelSettings = field(default_factory=ModelSettings)
     gates: dict[str, tuple[Gate, ...]] = field(default_factory=dict)  # gated group -> rows it needs
     skip_bad_files: bool = False
+    named_scorers: tuple[str, ...] = ()  # registered in each worker (pipeline.score --as NAME)
 
     def gates_of(self, group: str) -> tuple[Gate, ...]:
         return self.gates.get(group) or (EVERY_ROW,)
@@ -394,6 +448,8 @@ class SignalsWorker:
     def __init__(self, spec: SignalsSpec):
         self.spec = spec
         self._models: dict[str, object] = {}
+        for name in spec.named_scorers:  # (a Ray worker imports the registry without them)
+            register_named_scorer(name)
 
     def model(self, name: str):
         if name not in self._models:

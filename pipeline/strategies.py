@@ -266,7 +266,9 @@ def _builtin_data() -> dict[str, dict]:
 
 
 BUILTIN_SPECS: dict[str, dict] = _builtin_data()
-STRATEGIES: tuple[str, ...] = tuple(BUILTIN_SPECS)  # what --strategy all runs
+# What --strategy all runs: DataComp's baselines (the built-ins with a datacomp_name); the other
+# built-ins (semdedup, negclip_normsim, ...) need global steps or targets and are asked for by name.
+STRATEGIES: tuple[str, ...] = tuple(n for n, d in BUILTIN_SPECS.items() if d.get("datacomp_name"))
 ALIASES = {d["datacomp_name"]: n for n, d in BUILTIN_SPECS.items() if d.get("datacomp_name")}
 
 
@@ -298,9 +300,9 @@ def resolve_strategies(names: Sequence[str], overrides: Mapping[str, object] | N
                                 "file); rename it")
             files.append(spec)
         else:
-            raise SpecError(f"unknown strategy {name!r}; choose from {', '.join([*STRATEGIES, 'all'])}, "
+            raise SpecError(f"unknown strategy {name!r}; choose from {', '.join([*BUILTIN_SPECS, 'all'])}, "
                             f"DataComp's names ({', '.join(ALIASES)}), or a strategy file (.toml)")
-    return [builtin_spec(n, overrides) for n in STRATEGIES if n in chosen] + files
+    return [builtin_spec(n, overrides) for n in BUILTIN_SPECS if n in chosen] + files
 
 
 def with_members(specs: Sequence[StrategySpec], overrides: Mapping[str, object] | None = None,

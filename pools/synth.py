@@ -199,6 +199,8 @@ class SynthConfig:
     eval_per_class: int = 20
     images: bool = True  # False: metadata only (no shards, no eval set)
     random_scores: bool = False  # fill scores + npz with random self-consistent values
+    duplicates: float = 0.0  # rows in planted near-duplicate groups of 2-5 (plant_duplicate_groups)
+    eval_copies: int = 0  # rows whose image is a near-copy of an eval-set image (plant_eval_copies)
     url_base: str = "https://images.synthetic-pool.invalid"
     captions: CaptionMix = field(default_factory=CaptionMix)
     sizes: SizeMix = field(default_factory=SizeMix)
@@ -399,6 +401,9 @@ class _Rows:
     language: list[str]
     size_kind: np.ndarray
     downloaded: np.ndarray
+    duplicate_group: np.ndarray  # planted near-duplicate group of each row (-1: none)
+    duplicate_source: np.ndarray  # the first row of the row's group (the row itself when none)
+    eval_copy: np.ndarray  # (concept, index within the concept) of the eval image a row copies; -1: none
 
 
 def _plan_rows(cfg: SynthConfig) -> _Rows:
@@ -412,6 +417,13 @@ def _plan_rows(cfg: SynthConfig) -> _Rows:
     concept = rng.integers(len(CONCEPTS), size=n)
     width, height, size_kind = _original_sizes(rng, n, cfg.sizes)
     downloaded = rng.random(n) >= cfg.download_failure
+    duplicate_group = plant_duplicate_groups(n, cfg.duplicates, cfg.seed)
+    sources = group_sources(duplicate_group)
+    planted = duplicate_group >= 0
+    concept[planted] = concept[sources[planted]]  # a copy shows what its source shows
+    eval_copy = plant_eval_copies(cfg, ~planted & downloaded)
+    copies = eval_copy[:, 0] >= 0
+    concept[copies] = eval_copy[copies, 0]
     has_face = rng.random(n) < 0.05
     boxes = rng.uniform(0, 0.5, size=(n, 2))
     face_bboxes = [[[round(x, 4), round(y, 4), round(x + 0.2, 4), round(y + 0.25, 4)]] if f else []
@@ -425,15 +437,96 @@ def _plan_rows(cfg: SynthConfig) -> _Rows:
         language.append(lang)
     url = [f"{cfg.url_base}/{u}.jpg" for u in uid]
     return _Rows(uid, url, text, width, height, face_bboxes, concept, caption_kind,
-                 caption_concept, language, size_kind, downloaded)
+                 caption_concept, language, size_kind, downloaded, duplicate_group, sources, eval_copy)
+
+
+GROUP_SIZES = (2, 3, 4, 5)
+DUPLICATE_NOISE = 0.15  # a planted copy's embedding: its source's plus this much of a random unit direction
+
+
+def plant_duplicate_groups(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The planted near-duplicate group (0, 1, ...) of each of `n` rows, -1 for most: groups of
+    2-5 rows scattered over the pool (so over its files) until `fraction` of the rows are in one.
+    The group's first row is its source; the others are its copies."""
+    group = np.full(n, -1, dtype=np.int64)
+    if fraction <= 0 or n < 2:
+        return group
+    rng = np.random.default_rng([seed, 9])
+    sizes = []
+    while sum(sizes) < min(n, round(fraction * n)):
+        sizes.append(int(rng.choice(GROUP_SIZES)))
+    if sum(sizes) > n:
+        sizes[-1] -= sum(sizes) - n
+        if sizes[-1] < 2:
+            sizes.pop()
+    rows = rng.permutation(n)[:sum(sizes)]
+    group[rows] = np.repeat(np.arange(len(sizes)), sizes)
+    return group
+
+
+EVAL_SEED_OFFSET = 1_000_003  # the eval set's seed: the pool's seed plus this
+
+
+def plant_eval_copies(cfg: SynthConfig, allowed: np.ndarray) -> np.ndarray:
+    """(concept, index) of the eval image each row's image copies, (-1, -1) for most: `cfg.eval_copies`
+    rows drawn from `allowed` (downloaded rows outside the duplicate groups, so every copy is in
+    the shards), each copying a random eval image (several rows may copy the same one)."""
+    out = np.full((len(allowed), 2), -1, dtype=np.int64)
+    if cfg.eval_copies <= 0:
+        return out
+    candidates = np.flatnonzero(allowed)
+    if cfg.eval_copies > len(candidates):
+        raise ValueError(f"eval_copies={cfg.eval_copies} is more than the {len(candidates)} downloaded rows "
+                         "outside the duplicate groups")
+    rng = np.random.default_rng([cfg.seed, 10])
+    rows = np.sort(rng.choice(candidates, cfg.eval_copies, replace=False))
+    out[rows, 0] = rng.integers(len(CONCEPTS), size=len(rows))
+    out[rows, 1] = rng.integers(cfg.eval_per_class, size=len(rows))
+    return out
+
+
+def eval_image(cfg: SynthConfig, concept: int, index: int) -> Image.Image:
+    """The `index`-th eval image of `concept`, drawn as `write_eval_set` draws it."""
+    rng = np.random.default_rng([cfg.seed + EVAL_SEED_OFFSET, 5, concept, index])
+    return render_concept(concept, rng, width=cfg.image_px, height=cfg.image_px)
+
+
+def group_sources(group: np.ndarray) -> np.ndarray:
+    """Per row, the first row of its planted group (itself when it has none)."""
+    source = np.arange(len(group))
+    planted = np.flatnonzero(group >= 0)
+    if len(planted):
+        ids, first = np.unique(group[planted], return_index=True)
+        first_row = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+        first_row[ids] = planted[first]
+        source[planted] = first_row[group[planted]]
+    return source
 
 
 def _row_image(cfg: SynthConfig, rows: _Rows, i: int) -> bytes:
+    if rows.eval_copy[i, 0] >= 0:  # a near-copy of an eval image
+        return _near_copy(encode_jpeg(eval_image(cfg, int(rows.eval_copy[i, 0]), int(rows.eval_copy[i, 1]))),
+                          np.random.default_rng([cfg.seed, 11, i]))
+    source = int(rows.duplicate_source[i])
+    if source != i:  # a copy: the source re-encoded, resized or slightly cropped
+        return _near_copy(_row_image(cfg, rows, source), np.random.default_rng([cfg.seed, 8, i]))
     rng = np.random.default_rng([cfg.seed, 3, i])
     w, h = _stored_size(int(rows.width[i]), int(rows.height[i]), cfg.image_px)
     if rows.caption_kind[i] == "off_target":
         return encode_jpeg(render_off_target(_off_target_scene(int(rows.concept[i])), rng, width=w, height=h))
     return encode_jpeg(render_concept(int(rows.concept[i]), rng, width=w, height=h))
+
+
+def _near_copy(jpeg: bytes, rng: np.random.Generator) -> bytes:
+    """`jpeg` slightly cropped (up to 6% a side), resized by 80-100% and re-encoded."""
+    with Image.open(io.BytesIO(jpeg)) as im:
+        img = im.convert("RGB")
+    w, h = img.size
+    dx, dy = (int(rng.integers(0, max(1, round(0.06 * v)) + 1)) for v in (w, h))
+    img = img.crop((dx, dy, w - int(rng.integers(0, dx + 1)), h - int(rng.integers(0, dy + 1))))
+    scale = float(rng.uniform(0.8, 1.0))
+    img = img.resize((max(8, round(img.width * scale)), max(8, round(img.height * scale))))
+    return encode_jpeg(img, quality=int(rng.integers(60, 95)))
 
 
 EMBEDDING_WIDTHS = (("b32", 512), ("l14", 768))  # the archs of the npz, in drawing order
@@ -450,9 +543,11 @@ class RandomEmbeddings:
     pass through it (`_draw_starts`); each draw then gets its own generator that `take` advances.
     """
 
-    def __init__(self, seed: int, n: int, *, chunk_rows: int = 4096):
+    def __init__(self, seed: int, n: int, *, chunk_rows: int = 4096, duplicate_group: np.ndarray | None = None):
         self.n = n
         self._taken = 0
+        self._seed = seed
+        self._group = duplicate_group  # rows of a planted group get near-copies of one image embedding
         self._draws = {}
         for name, state in _draw_starts(seed, n, chunk_rows).items():
             gen = np.random.Generator(np.random.PCG64())
@@ -468,6 +563,7 @@ class RandomEmbeddings:
         for arch, dim in EMBEDDING_WIDTHS:
             img = self._draws[f"{arch}_img"].standard_normal((rows, dim)).astype(np.float32)
             img /= np.linalg.norm(img, axis=1, keepdims=True)
+            self._plant(img, arch, self._taken - rows)
             noise = self._draws[f"{arch}_noise"].standard_normal((rows, dim)).astype(np.float32)
             noise -= (noise * img).sum(1, keepdims=True) * img
             noise /= np.linalg.norm(noise, axis=1, keepdims=True)
@@ -477,6 +573,20 @@ class RandomEmbeddings:
             embeddings[f"{arch}_img"], embeddings[f"{arch}_txt"] = img16, txt16
             scores[arch] = (img16.astype(np.float32) * txt16.astype(np.float32)).sum(1)
         return embeddings, scores
+
+
+    def _plant(self, img: np.ndarray, arch: str, first_row: int) -> None:
+        """Rows of a planted group: their group's direction plus `DUPLICATE_NOISE` of their own
+        (pairwise cosines about 1 / (1 + 0.15^2) = 0.98), drawn per group and per row so they do
+        not depend on how the pool is split into files."""
+        if self._group is None:
+            return
+        groups = self._group[first_row:first_row + len(img)]
+        for j in np.flatnonzero(groups >= 0):
+            base = np.random.default_rng([self._seed, 5, int(groups[j]), img.shape[1]]).standard_normal(img.shape[1])
+            own = np.random.default_rng([self._seed, 6, first_row + int(j), img.shape[1]]).standard_normal(img.shape[1])
+            v = base / np.linalg.norm(base) + DUPLICATE_NOISE * own / np.linalg.norm(own)
+            img[j] = v / np.linalg.norm(v)
 
 
 def _draw_starts(seed: int, n: int, chunk_rows: int) -> dict[str, dict]:
@@ -629,11 +739,13 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
+    if cfg.eval_copies and not cfg.images:
+        raise ValueError("eval copies need images (an eval set): leave out --metadata-only")
     rows = _plan_rows(cfg)
     n = cfg.samples
     if cfg.images:
         shard_of, key_of, sha_of = _write_shards(cfg, rows, tmp / "shards")
-        eval_count = write_eval_set(tmp / "eval", seed=cfg.seed + 1_000_003, per_class=cfg.eval_per_class,
+        eval_count = write_eval_set(tmp / "eval", seed=cfg.seed + EVAL_SEED_OFFSET, per_class=cfg.eval_per_class,
                                     image_px=cfg.image_px)
     else:
         shard_of, key_of = [-1] * n, [""] * n
@@ -658,7 +770,8 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
     stems = _file_stems(cfg, num_files)
     (tmp / "metadata").mkdir()
     file_of = np.empty(n, dtype=object)
-    random_embeddings = RandomEmbeddings(cfg.seed, n) if cfg.random_scores else None
+    random_embeddings = (RandomEmbeddings(cfg.seed, n, duplicate_group=rows.duplicate_group)
+                         if cfg.random_scores else None)
     for f, stem in enumerate(stems):
         lo, hi = f * cfg.rows_per_file, min(n, (f + 1) * cfg.rows_per_file)
         part = table.slice(lo, hi - lo)
@@ -671,7 +784,9 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         pq.write_table(part, tmp / "metadata" / f"{stem}.parquet")
         file_of[lo:hi] = stem
 
-    shown = np.where(rows.caption_kind == "off_target", NO_CONCEPT, rows.concept)  # what the image shows
+    # What the image shows: a planted copy shows its source's image, an eval copy its eval image.
+    off_target = (rows.caption_kind[rows.duplicate_source] == "off_target") & (rows.eval_copy[:, 0] < 0)
+    shown = np.where(off_target, NO_CONCEPT, rows.concept)
     truth = pa.table({
         "uid": rows.uid, "metadata_file": file_of.tolist(),
         "caption_kind": rows.caption_kind.tolist(), "concept": shown.astype(np.int64),
@@ -679,6 +794,12 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         "caption_concept": pa.array(rows.caption_concept, pa.int64()), "language": rows.language,
         "size_kind": rows.size_kind.tolist(), "downloaded": rows.downloaded,
         "shard": pa.array(shard_of, pa.int64()), "key": key_of,
+        # planted near-duplicates (--duplicates): the group (-1: none) and its first row's uid
+        "duplicate_group": pa.array(rows.duplicate_group, pa.int64()),
+        "duplicate_of": [rows.uid[s] if g >= 0 else None for g, s in zip(rows.duplicate_group, rows.duplicate_source)],
+        # planted near-copies of eval images (--eval-copies): the eval image's concept and index (-1: none)
+        "eval_copy_concept": pa.array(rows.eval_copy[:, 0], pa.int64()),
+        "eval_copy_index": pa.array(rows.eval_copy[:, 1], pa.int64()),
     })
     pq.write_table(truth, tmp / "ground_truth.parquet")
 
@@ -688,6 +809,8 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         "shard_samples": int(rows.downloaded.sum()) if cfg.images else 0,
         "eval_images": eval_count, "eval_classes": len(CONCEPTS) if cfg.images else 0,
         "composition": _composition(rows), "scores": note,
+        "duplicate_groups": {"groups": int(rows.duplicate_group.max() + 1), "rows": int((rows.duplicate_group >= 0).sum())},
+        "eval_copies": int((rows.eval_copy[:, 0] >= 0).sum()),
     }
     write_json_atomic(tmp / "pool.json", summary)
     if out.exists():
@@ -738,14 +861,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random-scores", action="store_true",
                         help="fill CLIP scores and npz embeddings with random, self-consistent "
                              "placeholder values (for tests and benchmarks; not model output)")
+    parser.add_argument("--duplicates", type=float, default=0.0,
+                        help="fraction of rows in planted near-duplicate groups of 2-5 (copies of one image: "
+                             "re-encoded, resized, cropped; with --random-scores near-copies of one embedding), "
+                             "recorded in ground_truth.parquet (default 0; the demo uses 0.15)")
+    parser.add_argument("--eval-copies", type=int, default=0,
+                        help="rows whose image is a near-copy (re-encoded, resized, cropped) of an eval-set "
+                             "image, recorded in ground_truth.parquet (eval_copy_concept, eval_copy_index); "
+                             "default 0, the demo uses 200")
     parser.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
     args = parser.parse_args(argv)
     if args.samples <= 0:
         parser.error("--samples must be positive")
+    if not 0.0 <= args.duplicates <= 1.0:
+        parser.error("--duplicates must be a fraction in [0, 1]")
+    if args.eval_copies < 0 or (args.eval_copies and args.metadata_only):
+        parser.error("--eval-copies must be a count >= 0, and needs images (no --metadata-only)")
     cfg = SynthConfig(samples=args.samples, seed=args.seed, rows_per_file=args.rows_per_file,
                       shard_size=args.shard_size, image_px=args.image_px,
                       eval_per_class=args.eval_per_class, images=not args.metadata_only,
-                      random_scores=args.random_scores)
+                      random_scores=args.random_scores, duplicates=args.duplicates, eval_copies=args.eval_copies)
     summary = generate(args.out, cfg, overwrite=args.overwrite)
     print(describe(args.out, summary))
     return summary

@@ -58,8 +58,11 @@ def test_a_small_demo_runs_end_to_end_and_a_rerun_reuses_it(tmp_path):
     summary = demo.main(argv)
 
     stats = json.loads((out / "subsets" / "stats.json").read_text())
-    assert set(stats["strategies"]) == set(STRATEGIES)  # every strategy filtered
-    trained = [s for s in STRATEGIES if s not in summary["not_trained_empty_subset"]]
+    compared = [*STRATEGIES, *demo.RESEARCH_STRATEGIES]
+    assert set(stats["strategies"]) == set(compared)  # every strategy filtered
+    trained = [s for s in compared if s not in summary["not_trained_empty_subset"]]
+    assert stats["global_steps"]["semdedup"]["rows"] == 1200  # SemDeDup ran over the whole pool
+    assert set(stats["eval_near_copies"]["strategies"]) == set(compared)  # the contamination counts
     assert {"no_filter", "clip"} <= set(trained)
     for name in summary["not_trained_empty_subset"]:
         assert json.loads((out / "shards" / name / "meta.json").read_text())["output_count"] == 0

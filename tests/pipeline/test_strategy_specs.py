@@ -199,7 +199,7 @@ def test_builtin_specs_are_the_shipped_files():
     from pipeline.strategies import ALIASES, SPECS_DIR, STRATEGIES, builtin_spec
 
     assert STRATEGIES == ("no_filter", "basic", "text", "image", "laion", "clip", "image_clip")
-    assert sorted(p.stem for p in SPECS_DIR.glob("*.toml")) == sorted(STRATEGIES)
+    assert set(STRATEGIES) < {p.stem for p in SPECS_DIR.glob("*.toml")}  # --strategy all: DataComp's baselines
     assert ALIASES["image_based_intersect_clip_score"] == "image_clip"
     clip = builtin_spec("clip", {"arch": "b32", "threshold": 0.2})
     assert clip.select.score == "clip_b32_similarity_score" and clip.select.threshold == 0.2
