@@ -46,7 +46,8 @@ import numpy as np
 import pyarrow as pa
 
 from filters.arrays import to_numpy
-from filters.expressions import RuleError, check_rule, rule_columns, rule_outcomes, signal_frame
+from filters.expressions import (RuleError, check_rule, presence_column, presence_outcome, rule_columns,
+                                 rule_outcomes, signal_frame)
 
 SPECS_DIR = Path(__file__).with_name("specs")
 SPEC_KEYS = ("name", "description", "datacomp_name", "params", "rules", "select", "intersect")
@@ -226,9 +227,11 @@ def check_spec(spec: StrategySpec, where: str) -> None:
     """Every rule parses, names known columns and is a true/false test; the score is numeric."""
     from pipeline.signals import COLUMN_TYPES, NUMERIC_TYPES, column_types, signal_schema
 
-    if spec.rules:  # (a spec with no rules needs no Polars)
+    known = column_types()
+    queried = [(i, r) for i, r in enumerate(spec.rules) if presence_column(r.expr) not in known]
+    if queried:  # (presence tests of known columns, and specs with no rules, need no Polars)
         schema = signal_schema()
-        for i, rule in enumerate(spec.rules):
+        for i, rule in queried:
             try:
                 check_rule(rule.expr, schema)
             except RuleError as exc:
@@ -437,10 +440,17 @@ def evaluate_steps(table: pa.Table, specs: Iterable[StrategySpec],
     specs = list(specs)
     rules = list(dict.fromkeys(r.expr for spec in specs for r in spec.rules))
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if rules:
-        columns = {c for r in rules for c in rule_columns(r)}
+    queried = []
+    for r in rules:
+        column = presence_column(r)
+        if column is not None and column in table.column_names:
+            out[r] = presence_outcome(table.column(column))
+        else:
+            queried.append(r)
+    if queried:
+        columns = {c for r in queried for c in rule_columns(r)}
         frame = signal_frame(table, [c for c in table.column_names if c in columns])
-        out.update(zip(rules, rule_outcomes(frame, rules)))
+        out.update(zip(queried, rule_outcomes(frame, queried)))
     for spec in specs:
         if spec.select is not None and spec.name in thresholds:
             key = _selection_key(spec, thresholds)
