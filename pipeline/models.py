@@ -338,10 +338,11 @@ class MemoLabeler:
 
     def __call__(self, texts: list[str]) -> list[str]:
         memo = self._memo
-        todo = [t for t in texts if t not in memo]
+        todo = list(dict.fromkeys(t for t in texts if t not in memo))
         if todo:
             if len(memo) + len(todo) > self._max:
-                memo.clear()
+                memo.clear()  # and so every text of this call is to do, not only the new ones
+                todo = list(dict.fromkeys(texts))
             memo.update(zip(todo, self._top1(todo)))
         return [memo[t] for t in texts]
 
