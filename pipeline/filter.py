@@ -47,8 +47,8 @@ from pools.files import remove_stale_temporaries, sha256_file, write_json_atomic
 from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
                           score_fix)
 from pools.scales import SCALES, get_scale
-from pools.uids import (RepeatedKeys, SubsetWriter, halves_keys, records_from_halves, uid_keys,
-                        uids_to_records)
+from pools.uids import (RepeatedKeys, SubsetWriter, halves_keys, records_from_halves, records_to_uids,
+                        uid_keys, uids_to_records)
 
 from pipeline.strategies import (ALIASES, BUILTIN_SPECS, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec,
                                  evaluate_steps, groups_needed, required_metadata, resolve_strategies, selection_values,
@@ -592,8 +592,6 @@ def find_repeated_uids(source: TableSource, spill_dir: Path) -> RepeatedUids:
     again = int(repeats[0])  # the earliest repeat in the pool, and the first row with its uid
     record = records[positions == again]
     first = int(positions[records == record[0]].min())
-    from pools.uids import records_to_uids
-
     uid = records_to_uids(record)[0]
     rows = {}
     owner = np.searchsorted(starts, repeats, side="right") - 1

@@ -9,13 +9,14 @@ Sorting the records is lexicographic on (hi, lo), which equals hex-string order.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from pools.files import atomic_path
+from pools.files import atomic_path, owner_tag
 
 UID_DTYPE = np.dtype("u8,u8")
 UID_HEX_CHARS = 32
@@ -247,8 +248,6 @@ class SubsetWriter:
     """
 
     def __init__(self, path: str | os.PathLike, budget_bytes: int | None = None):
-        from pools.files import owner_tag
-
         self.path = Path(path)
         if self.path.suffix != ".npy":
             raise ValueError(f"subset file {self.path} must end in .npy (np.save format)")
@@ -281,15 +280,11 @@ class SubsetWriter:
 
     def discard(self) -> None:
         """Drop what was added (a strategy that turned out not to run)."""
-        import shutil
-
         self._parts = []
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
     def close(self) -> int:
         """Write the subset atomically; returns the number of uids written."""
-        import shutil
-
         try:
             if not self._runs:
                 return write_subset(self.path, self._parts)
@@ -305,8 +300,7 @@ class SubsetWriter:
                         f.write(block.tobytes())
             return self.count
         finally:
-            self._parts = []
-            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self.discard()
 
 
 def merge_sorted_runs(runs: Sequence[np.ndarray], window: int) -> Iterable[np.ndarray]:
@@ -343,10 +337,6 @@ class RepeatedKeys:
     PARTITION_BITS = 6
 
     def __init__(self, folder: str | os.PathLike, budget_bytes: int | None = None):
-        import shutil
-
-        from pools.files import owner_tag
-
         self._budget = max(1, (budget_bytes or SPILL_BYTES) // KEY_POSITION.itemsize)
         self._keys: list[np.ndarray] = []  # consecutive positions from self._first: only keys are held
         self._first = 0
@@ -386,8 +376,6 @@ class RepeatedKeys:
     def repeated_positions(self) -> np.ndarray:
         """Sorted positions whose key some other position has too (the keys may still differ
         in the full uid: confirm)."""
-        import shutil
-
         try:
             if not self._spilled:
                 keys = np.concatenate(self._keys) if self._keys else np.empty(0, np.uint64)
