@@ -1,7 +1,7 @@
 """Benchmark `pipeline.filter`: whole-command wall time, rows/s and peak memory per strategy.
 
     python bench/filter.py [--rows 2000000] [--workers 2] [--repeat 3] [--npz] [--unique-captions]
-                           [--pool P] [--reference] [--helpers N]
+                           [--pool P] [--reference] [--executor auto|ray|local]
     python bench/filter.py --memory-scaling 2000000 8000000 32000000
 
 Generates (once, cached under --work-dir) a metadata-only synthetic pool of --rows rows with
@@ -20,8 +20,8 @@ re-statement of DataComp's rules (tests/datacomp_reference.py, 2 processes) on t
 
 The synthetic pool's captions come from templates, so most repeat; the filter runs each model
 once per distinct caption, which pays off there. ``--unique-captions`` appends the row number
-to every caption: nothing repeats, the worst case. ``signals_by`` says which processes
-computed the signals (Ray's tasks, or the helpers that work while Ray starts).
+to every caption: nothing repeats, the worst case. ``signals_by`` says which executor computed
+the signals, ``executor`` what `auto` chose and why (pipeline/execution.py).
 
 ``--memory-scaling N ...``: peak memory against pool size. For each N it writes (once, cached)
 a metadata-only pool of N rows with every CommonPool column, made column-wise with NumPy
@@ -50,6 +50,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+
+from pipeline.execution import EXECUTORS  # noqa: E402
 
 # DataComp's baselines.py on a 2M-row metadata-only pool, 2 workers, whole command (the issue).
 DATACOMP_2M_SECONDS = {"no_filter": 1.1, "basic": 7.4, "text": 231.0, "clip": 0.8, "laion": 17.5}
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "pools.synth's %(default)s)")
     parser.add_argument("--pool", type=Path, help="benchmark this pool instead of generating one")
     parser.add_argument("--workers", type=int, default=2, help="signal workers (default %(default)s)")
-    parser.add_argument("--executor", choices=["ray", "local"], default="ray")
+    parser.add_argument("--executor", choices=EXECUTORS, default="auto", help="pipeline.filter --executor "
+                        "(default %(default)s)")
     parser.add_argument("--npz", action="store_true", help="add l14_img embeddings and time image/image_clip")
     parser.add_argument("--unique-captions", action="store_true", help="make every caption distinct (no "
                         "repeated caption for the per-distinct-caption model calls to save)")
@@ -282,7 +285,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="run each command this many times and "
                         "report the median (default %(default)s)")
-    parser.add_argument("--helpers", type=int, help="pipeline.filter --helpers (default: its own)")
     parser.add_argument("--memory-scaling", type=int, nargs="+", metavar="ROWS",
                         help="measure peak memory on metadata-only pools of these sizes instead")
     args = parser.parse_args(argv)
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                   args.unique_captions)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (pool / "metadata").glob("*.parquet"))
     has_npz = all(p.with_suffix(".npz").is_file() for p in (pool / "metadata").glob("*.parquet"))
-    extra: list[str] = [] if args.helpers is None else ["--helpers", str(args.helpers)]
+    extra: list[str] = []
     kmeans_s = None
     if has_npz:
         centroids, targets, kmeans_s = image_inputs(pool, args.workers)
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         kept = {k: v["kept"] for k, v in stats["strategies"].items()}
         line = {"strategy": label, "rows": rows, **m, "rows_per_s": round(rows / m["seconds"]),
                 "kept": kept if len(kept) > 1 else next(iter(kept.values())), "workers": args.workers,
-                "executor": args.executor, "signals_by": manifest["signals"].get("computed_by", {})}
+                "signals_by": manifest["signals"].get("computed_by", {}), "executor": manifest["executor"]}
         if rows == 2_000_000 and label in (*DATACOMP_2M_SECONDS, "five"):
             ref_s = DATACOMP_2M_SECONDS.get(label, sum(DATACOMP_2M_SECONDS.values()))
             line["datacomp_2m_s"] = ref_s

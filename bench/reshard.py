@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from pipeline.execution import Execution  # noqa: E402
 from pipeline.reshard import ReshardConfig, reshard  # noqa: E402
 from pools.format import Pool  # noqa: E402
 from pools.synth import SynthConfig, generate  # noqa: E402
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     figures = {"samples_in": processed, "input_mb": round(input_mb, 1),
                "mean_sample_kb": round(input_mb * 1e3 / processed, 1), "fraction": args.fraction}
-    runs = {"ours_1proc": dict(use_ray=False, num_workers=1),
-            "ours_ray": dict(use_ray=True, num_workers=args.workers)}
+    runs = {"ours_1proc": dict(execution=Execution("local", num_workers=1)),
+            "ours_ray": dict(execution=Execution("ray", num_workers=args.workers))}
     import ray
 
     start = time.perf_counter()

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from pipeline.execution import Execution  # noqa: E402
 from pipeline.score import ScoreConfig, score_pool  # noqa: E402
 from pools.synth import SynthConfig, generate  # noqa: E402
 from trainer.models import create_model, model_config_record  # noqa: E402
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     pool = args.work_dir / "pool"
     shutil.rmtree(pool, ignore_errors=True)
     shutil.copytree(source, pool)
-    summary = score_pool(ScoreConfig(pool=pool, model=model, batch_size=args.batch_size, use_ray=False,
+    summary = score_pool(ScoreConfig(pool=pool, model=model, batch_size=args.batch_size, execution=Execution("local", num_workers=1),
                                      cpus_per_actor=args.threads, decode_threads=args.decode_threads,
                                      num_gpus=args.num_gpus, overwrite=True))
     t = summary["timing_per_shard"]

@@ -61,7 +61,8 @@ def pool_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per metadata file (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the pool's seed (default 0)")
     p.add_argument("--workers", type=int, default=2, help="signal workers (default 2)")
-    p.add_argument("--executor", choices=["ray", "local"], default="ray", help="the filter's executor (default ray)")
+    p.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
+                   help="the filter's executor (default auto)")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/datacomp_bench"),
                    help="where the pool is cached and the outputs go (default %(default)s)")
     return p

@@ -22,7 +22,6 @@ reproducible; here file i is sampled with ``np.random.default_rng([seed, i])``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pools.files import atomic_path, write_json_atomic
 from pools.format import PoolFormatError, load_npz
 from pools.scales import SCALES, get_scale
 
+from pipeline.execution import add_execution_flags, execution_from_args
 from pipeline.filter import (FilterError, default_centroids, default_data_root, default_pool,
                              default_signals_dir, missing_embeddings, pool_files)
 
@@ -158,10 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "(default <pool>/signals, shared with pipeline.filter)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="k-means on faiss GPUs when available (auto, default), or force cpu/gpu")
-    parser.add_argument("--num-workers", type=int, default=max(1, os.cpu_count() or 1),
-                        help="workers for the caption pre-filter's signals pass")
-    parser.add_argument("--executor", choices=["ray", "local"], default="ray")
-    parser.add_argument("--ray-address", help="connect to this Ray cluster")
+    add_execution_flags(parser, workers_help="workers for the caption pre-filter's signals pass")
     args = parser.parse_args(argv)
 
     scale = get_scale(args.scale)
@@ -177,7 +174,6 @@ def main(argv: list[str] | None = None) -> dict:
     if why is not None:
         raise FilterError(why)
     if not args.no_caption_filter:
-        from pipeline.execution import Executor
         from pipeline.models import ModelSettings
         from pipeline.signals import SignalsSpec, group_keys
         from pipeline.signals_pass import run_signals_pass
@@ -188,8 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         keys = group_keys(groups, ModelSettings())
         spec = SignalsSpec(groups=groups, keys=keys, required_columns=required_metadata(prefilter, groups),
                            gates=signals_needed(prefilter, keys))
-        run_signals_pass(files, signals_dir, spec, Executor(kind=args.executor, ray_address=args.ray_address,
-                                                            num_workers=args.num_workers))
+        run_signals_pass(files, signals_dir, spec, execution_from_args(args))
     x, counts = collect_embeddings(files, signals_dir, ratio=ratio, seed=args.seed,
                                    caption_filter=not args.no_caption_filter)
     print(f"k-means: {len(x):,} embeddings of width {x.shape[1]} into {k} centroids", file=sys.stderr)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -49,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.execution import EXECUTORS
 from pools.files import write_json_atomic
 from pools.scales import get_scale
 from pools.uids import uids_to_records, write_subset
@@ -82,8 +82,7 @@ class DemoConfig:
     train_seeds: tuple[int, ...] = (0,)
     eval_per_class: int | None = None  # None: pools.synth's default
     workers: int = 2  # data loader processes per training run
-    use_ray: bool = True
-    ray_cpus: int = max(1, os.cpu_count() or 1)
+    executor: str = "auto"  # the pipeline stages' --executor (pipeline.execution)
 
     @property
     def pool(self) -> Path:
@@ -166,9 +165,8 @@ def teacher_data(cfg: DemoConfig, teachers: Path) -> dict:
                     truth["downloaded"])
     subset = teachers / "clean_pairs.npy"
     write_subset(subset, uids_to_records(truth.filter(clean)["uid"]))
-    # A few thousand samples, before Ray is up: resharding them in this process is quicker.
     meta = reshard_main(["--pool", str(pool), "--subset", str(subset), "--out", str(teachers / "data"),
-                         "--no-ray"])
+                         "--executor", cfg.executor])
     return {"clean_pairs": int(pc.sum(clean).as_py()), "shards": meta.get("output_shard_count")}
 
 
@@ -196,24 +194,8 @@ def score_pool(cfg: DemoConfig, teacher: Path, arch: str) -> dict:
     from pipeline.score import main as score_main
 
     summary = score_main(["--pool", str(cfg.pool), "--model", str(teacher), "--as", arch,
-                          *([] if cfg.use_ray else ["--no-ray"])])
+                          "--executor", cfg.executor])
     return {k: summary[k] for k in ("rows", "scored", "missing_from_shards", "image_decode_failed")}
-
-
-def start_ray(cfg: DemoConfig) -> None:
-    """One local Ray for all the pipeline stages, which use a running Ray rather than start their own."""
-    if cfg.use_ray:
-        from pipeline.cluster import join_ray
-
-        _log("starting Ray")
-        join_ray(num_cpus=cfg.ray_cpus)
-
-
-def shutdown_ray() -> None:
-    """Training forks data-loader workers; a live Ray in this process must not be forked."""
-    from pipeline.cluster import leave_ray
-
-    leave_ray()
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -227,7 +209,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
-    executor = ["--executor", "ray" if cfg.use_ray else "local"]
+    executor = ["--executor", cfg.executor]
     specs = {s.name: s for s in resolve_strategies(list(cfg.strategies))}
     strategies = list(specs)
     spec_files = [name for name in cfg.strategies if is_spec_path(name)]
@@ -250,7 +232,6 @@ def run_demo(cfg: DemoConfig) -> dict:
                                                model=TEACHER_MODELS[arch],
                                                samples_seen=cfg.teacher_budget()),
                    outputs=[teachers / arch])
-    start_ray(cfg)
     for arch in ARCHS:
         stages.run(f"score_{arch}", scored_settings, lambda arch=arch: score_pool(cfg, teachers / arch, arch))
     centroids = cfg.pool / "centroids" / f"{cfg.scale}_centroids_l14.npy"
@@ -278,11 +259,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                                lambda name=name: _reshard_summary(reshard_main([
                                    "--pool", str(cfg.pool), "--subset", str(subsets / f"{name}.npy"),
                                    "--out", str(out / "shards" / name),
-                                   *([] if cfg.use_ray else ["--no-ray"])])),
+                                   *executor])),
                                outputs=[out / "shards" / name])
         if resharded["output_count"] == 0:
             empty.append(name)
-    shutdown_ray()
     if empty:
         _log(f"not trained: {', '.join(empty)} kept no sample with an image (see {subsets / 'stats.json'})")
 
@@ -336,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(.toml), which are filtered, trained and compared beside the built-ins (default: all "
                         f"{' '.join(RESEARCH_STRATEGIES)})")
     p.add_argument("--workers", type=int, default=DemoConfig.workers, help="data loader processes per run")
-    p.add_argument("--no-ray", action="store_true", help="run the pipeline stages without Ray")
+    p.add_argument("--executor", choices=EXECUTORS, default=DemoConfig.executor,
+                   help="the pipeline stages' executor: auto (default), local or ray (see pipeline/execution.py)")
     g = p.add_argument_group("a smaller demo (tests, quick looks; the runs are then non-standard)")
     g.add_argument("--pool-samples", type=int, default=None, help="rows in the pool (default: the scale's)")
     g.add_argument("--teacher-pool-samples", type=int, default=None)
@@ -349,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = DemoConfig(out=args.out, seed=args.seed, train_seeds=tuple(args.train_seeds),
-                     strategies=tuple(args.strategies), workers=args.workers, use_ray=not args.no_ray,
+                     strategies=tuple(args.strategies), workers=args.workers, executor=args.executor,
                      pool_samples=args.pool_samples, teacher_pool_samples=args.teacher_pool_samples,
                      teacher_samples_seen=args.teacher_samples_seen, samples_seen=args.samples_seen,
                      eval_per_class=args.eval_per_class)

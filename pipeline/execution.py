@@ -1,388 +1,327 @@
-"""Running the signals pass: a Ray Data job, with helper processes covering Ray's start-up.
+"""One execution layer for every stage that fans out: signals, scoring, centroid assignment,
+resharding.
 
-`run_ray` is what ``pipeline.filter`` uses by default:
+A stage is declared once, as data (`Stage`): the class that builds a worker (called on one
+unit of work at a time: a metadata file, a shard, a reshard task), the CPUs and GPUs a worker
+needs, and whether it holds a model. `run_stage` runs its units with one of three executors,
+chosen by ``--executor`` (flags from `add_execution_flags`, the same in every command):
 
-- a thread owns Ray's whole life: it starts a local Ray (or connects to ``--ray-address``),
-  submits a Ray Data job over the files still unclaimed once Ray is up (``map_batches`` over a
-  pool of tasks; each worker process keeps one `SignalsWorker`), and shuts Ray down again;
-- meanwhile, helper processes on this machine (``--helpers``, default ``--num-workers`` for
-  a local Ray, 0 for a cluster) work through the files from the other end of the list, and
-  stop once a Ray task has its models loaded;
-- a marker per file (created with ``O_EXCL``) decides who does it; signals are written
-  atomically, so a file done twice (no shared disk between nodes) is only wasted work;
-- when the helpers would finish the rest sooner than a Ray Data job could start (estimated
-  from their CPU time per file), no job is submitted: on a 2M-row pool on 2 cores, Ray's
-  start-up is longer than the whole pass;
-- Ray's shutdown runs while the caller queries the signals; `finish_ray` waits for it.
+- ``local``: this machine only. In this process when there is one worker or too little work to
+  pay for starting processes, else a plain process pool of ``--num-workers`` processes, each
+  building its worker (and loading its models) once.
+- ``ray``: a Ray Data job on the Ray that `pipeline.cluster.join_ray` starts or joins
+  (``--ray-address`` / ``$RAY_ADDRESS``): a task pool for per-file maps (each Ray worker process
+  keeps its stage worker), an actor pool for model stages (a model per actor).
+- ``auto`` (default): Ray when a cluster address is given; otherwise the work is estimated by
+  running the first unit in this process (models loaded first, so only the unit is timed) and
+  the rest runs
+    * in this process, when spreading it over processes would save less than starting them
+      (``PROCESS_START_S`` per process: interpreter, imports, models);
+    * on a local Ray, when the local workers would need more than ``RAY_WORTH_S`` of wall time
+      (Ray's start-up, a few seconds on a small machine, is then a small share, and the job
+      gets Ray's retries, memory accounting and dashboard);
+    * in a process pool otherwise.
+  On 2 CPUs, a 2M-row pool's signals for any built-in strategy stay on this machine without Ray;
+  a 128M-row pool goes to Ray.
 
-`run_local` runs the same worker in this process (``--executor local``).
+Every result says which executor computed it (``by``) and on which node; the decision and its
+reason are `StageRun.decision`, recorded in the commands' manifests.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import math
+import multiprocessing
 import os
-import queue
-import shutil
-import sys
-import threading
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
+from pipeline.cluster import RAY_ADDRESS_ENV, RayStartError, current_node, join_ray
 
-from pipeline.cluster import current_node
-from pipeline.signals import SignalsError, SignalsSpec, SignalsWorker
-from pools.format import PoolFormatError
+EXECUTORS = ("auto", "ray", "local")
+PROBE_UNITS = 2  # units `auto` runs here to time them; the last one's time is the estimate
+PROCESS_START_S = 1.5  # a spawned worker process: interpreter, imports, its models (measured ~1 s here)
+RAY_WORTH_S = 60.0  # local workers' estimated wall time above which `auto` starts a local Ray
+ACTORS_START_TIMEOUT_S = 600  # model actors must all be up before any unit is handed out
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
-class Executor:
-    """Where the signals pass runs."""
+class Execution:
+    """Where a command's stages run (``--executor``, ``--ray-address``, ``--num-workers``)."""
 
-    kind: str = "ray"  # "ray" (a Ray Data job) or "local" (this process, one file at a time)
-    ray_address: str | None = None
-    num_workers: int = max(1, os.cpu_count() or 1)
-    use_gpu: bool = False
-    helpers: int | None = None  # local helper processes while Ray starts (default: num_workers)
+    executor: str = "auto"
+    ray_address: str | None = None  # a Ray cluster to join; None: $RAY_ADDRESS, else a local Ray of our own
+    num_workers: int = default_workers()
 
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
 
-
-def run_local(todo, spec, executor, progress):
-    """The signals of `todo` in this process, one file at a time."""
-    worker = SignalsWorker(spec)
-    for i, (parquet, out) in enumerate(todo, 1):
-        yield {**worker.process(parquet, out), "by": "local"}
-        if progress and (i == len(todo) or i % max(1, len(todo) // 10) == 0):
-            print(f"signals: {i}/{len(todo)} files", file=sys.stderr)
+    @property
+    def cluster_address(self) -> str | None:
+        return self.ray_address or os.environ.get(RAY_ADDRESS_ENV) or None
 
 
-class _Claims:
-    """First come, first served: a file is processed by whoever creates its claim marker."""
+@dataclass(frozen=True)
+class Stage:
+    """A stage that fans out: ``worker(*args)`` builds, once per process or actor, a callable
+    that takes one unit and returns a JSON-serializable dict. `worker` must be importable
+    (a class or function at module level): processes and Ray workers build their own."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+    name: str
+    worker: Callable[..., Callable[[Any], dict]]
+    args: tuple = ()
+    cpus: float = 1.0  # per worker
+    gpus: float = 0.0  # per worker (Ray only; a local worker sees the machine's GPUs)
+    models: bool = False  # the worker holds a model: an actor pool on Ray, one model per actor
 
-    def claim(self, parquet: str | Path) -> bool:
+
+@dataclass(frozen=True)
+class Decision:
+    """Which executor a stage ran with, on how many workers, and why."""
+
+    executor: str  # "in-process", "processes" or "ray"
+    workers: int
+    reason: str
+
+    def as_json(self) -> dict:
+        return {"executor": self.executor, "workers": self.workers, "reason": self.reason}
+
+
+class StageError(RuntimeError):
+    """A worker failed with an error of a type this process could not rebuild."""
+
+
+def add_execution_flags(parser: argparse.ArgumentParser, *, workers_help: str,
+                        default_workers_: int | None = None, worker_flags: Sequence[str] = ("--num-workers",)
+                        ) -> None:
+    """The execution flags every command that fans out takes, with the same names and meaning."""
+    g = parser.add_argument_group("execution")
+    g.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="auto (default): Ray with --ray-address, else this machine for small jobs and a "
+                        "local Ray for large ones (see pipeline/execution.py); local: this process or a "
+                        "process pool, no Ray; ray: a Ray Data job")
+    g.add_argument("--ray-address", help=f"a running Ray cluster to join (default: ${RAY_ADDRESS_ENV}, else a "
+                                         "local Ray of this command's own); the pool and the outputs must be "
+                                         "on storage every node sees")
+    g.add_argument(*worker_flags, dest="num_workers", type=int,
+                   default=default_workers_ if default_workers_ is not None else default_workers(),
+                   help=f"{workers_help} (default %(default)s)")
+
+
+def execution_from_args(args: argparse.Namespace) -> Execution:
+    return Execution(executor=args.executor, ray_address=args.ray_address, num_workers=args.num_workers)
+
+
+class StageRun:
+    """Runs a stage's units; iterate for ``(unit index, result)`` pairs as they finish.
+    After the run, `decision` says which executor did the work and why."""
+
+    def __init__(self, stage: Stage, units: Sequence[Any], execution: Execution):
+        self.stage, self.units, self.execution = stage, list(units), execution
+        self.decision: Decision | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        n = len(self.units)
+        if n == 0:
+            return
+        ex = self.execution
+        workers = max(1, min(ex.num_workers, n))
+        if ex.executor == "ray" or (ex.executor == "auto" and ex.cluster_address):
+            why = "--executor ray" if ex.executor == "ray" else "a Ray cluster address was given"
+            self.decision = Decision("ray", workers, why)
+            yield from self._ray(range(n))
+            return
+        if workers == 1 and ex.executor == "local":
+            self.decision = Decision("in-process", 1, "--executor local with one worker")
+            yield from self._in_process(self._build(), range(n))
+            return
+        # Time units here (models loaded first), then decide for the rest. The first unit also
+        # pays one-time costs (imports, caches), so the second one's time is the estimate.
+        worker = self._build()
+        warm_up = getattr(worker, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+        probed = min(PROBE_UNITS, n)
+        for i in range(probed):
+            started = time.perf_counter()
+            yield from self._in_process(worker, [i])
+            unit_s = time.perf_counter() - started
+        rest = range(probed, n)
+        if not rest:
+            self.decision = Decision("in-process", 1, f"{n} unit(s), run while timing them")
+            return
+        serial_s = unit_s * len(rest)
+        spread = max(1, min(ex.num_workers, len(rest)))
+        parallel_s = serial_s / spread + PROCESS_START_S
+        if ex.executor == "auto" and parallel_s > RAY_WORTH_S:
+            self.decision = Decision("ray", spread, f"estimated {serial_s:.0f} s of work: over {RAY_WORTH_S:.0f} s "
+                                                    f"on {spread} local workers")
+            yield from self._ray(rest)
+        elif spread == 1 or serial_s <= parallel_s:
+            self.decision = Decision("in-process", 1, f"estimated {serial_s:.1f} s of work: less than starting "
+                                                      "worker processes")
+            yield from self._in_process(worker, rest)
+        else:
+            self.decision = Decision("processes", spread, f"estimated {serial_s:.1f} s of work")
+            del worker  # (its models: the processes load their own)
+            yield from self._processes(rest, spread)
+
+    # --- the three executors --------------------------------------------------------------------
+    def _build(self):
+        return self.stage.worker(*self.stage.args)
+
+    def _in_process(self, worker, indices) -> Iterator[tuple[int, dict]]:
+        for i in indices:
+            yield i, self._result(_call(worker, self.units[i]), "in-process")
+
+    def _processes(self, indices, workers: int) -> Iterator[tuple[int, dict]]:
+        # spawn, not fork: the parent may hold threads (Polars', tqdm's, Ray's) whose locks a
+        # forked child would inherit held.
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process, initargs=(self.stage,))
         try:
-            os.close(os.open(self.root / Path(parquet).name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
-        except FileExistsError:
-            return False
+            pending = {pool.submit(_process_unit, self.units[i]): i for i in indices}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield pending.pop(future), self._result(future.result(), "processes")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def claimed(self, parquet: str | Path) -> bool:
-        return (self.root / Path(parquet).name).exists()
-
-
-def new_claims_root(signals_dir: Path) -> Path:
-    """A claims folder for this run, named by this process and machine
-    (``.claims-<id>-<pid>@<host>``), after removing the ones that runs killed on this machine
-    left behind (their process is gone; folders of other machines sharing the disk are theirs)."""
-    import uuid
-
-    from pools.files import owner_is_dead, owner_tag
-
-    for old in Path(signals_dir).glob(".claims-*"):
-        name, _, old_host = old.name.rpartition("@")
-        pid = name.rsplit("-", 1)[-1]
-        if pid.isdigit() and owner_is_dead(int(pid), old_host):
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(signals_dir) / f".claims-{uuid.uuid4().hex[:12]}-{owner_tag()}"
-
-
-_TASK_WORKER: SignalsWorker | None = None
-
-
-def _process_batch(batch: dict, spec: SignalsSpec, claims: str) -> dict:
-    """A Ray Data task: the signals of a batch of files, skipping files claimed elsewhere.
-
-    The worker (and its models) is kept per worker process, so each process loads fastText,
-    CLD3 and WordNet once, as an actor would, without an actor pool's start-up cost.
-    """
-    global _TASK_WORKER
-    if _TASK_WORKER is None or _TASK_WORKER.spec != spec:
-        _TASK_WORKER = SignalsWorker(spec)
-        _TASK_WORKER.warm_up()  # load the models before taking over from the helpers
-    claim = _Claims(Path(claims))
-    (claim.root / _RAY_WARM).touch()
-    out = []
-    for parquet, signals in zip(batch["parquet"], batch["signals"]):
-        if not claim.claim(parquet):
-            out.append({"file": Path(parquet).name, "status": "claimed"})
-            continue
-        try:
-            out.append({**_TASK_WORKER.process(Path(parquet), Path(signals)), "by": "ray", "node": current_node()})
-        except PoolFormatError as exc:
-            # Returned, not raised: Ray Data would bury the line that names the file in its own
-            # traceback of the task.
-            out.append({"file": Path(parquet).name, "status": "error", "message": str(exc)})
-            break
-    return {"summary": [json.dumps(s) for s in out]}
-
-
-_SHUTDOWN: threading.Thread | None = None
-
-
-def finish_ray() -> None:
-    """Wait until a Ray this module started is shut down again (call before exiting)."""
-    global _SHUTDOWN
-    if _SHUTDOWN is not None:
-        _SHUTDOWN.join()
-        _SHUTDOWN = None
-
-
-_RAY_WARM = ".ray-warm"  # a Ray task has loaded its models: the helpers stop taking files
-
-
-def _helper_main() -> None:
-    """A helper process (see `_run_ray`): takes unclaimed files from the end of the list until a
-    Ray task is ready, printing one JSON summary per file; ``python -c`` entry point, argument:
-    the claims folder; the job (spec and files) comes pickled on stdin, from the parent only
-    (never from a file someone else could have written)."""
-    import pickle
-
-    try:  # Ray's start-up (and its workers) come first; helpers use what CPU is left
-        os.nice(5)
-    except OSError:
-        pass
-    root = Path(sys.argv[1])
-    spec, todo = pickle.load(sys.stdin.buffer)
-    claims = _Claims(root)
-    try:
-        worker = SignalsWorker(spec)
-        for parquet, out in reversed(todo):
-            if (root / _RAY_WARM).exists():
-                break
-            if claims.claim(parquet):
-                print(json.dumps({**worker.process(Path(parquet), Path(out)), "by": "helper"}), flush=True)
-    except PoolFormatError as exc:
-        print(json.dumps({"error": "PoolFormatError", "message": str(exc)}), flush=True)
-        raise SystemExit(1)
-
-
-class _Helpers:
-    """Helper processes on this machine that compute signals while Ray starts."""
-
-    def __init__(self, count: int, spec: SignalsSpec, todo: list, claims: _Claims):
-        import pickle
-        import subprocess
-
-        job = pickle.dumps((spec, [(str(p), str(o)) for p, o in todo]))
-        self.count = count
-        self.summaries: list[dict] = []
-        self.errors: list[BaseException] = []
-        self._lock = threading.Lock()
-        self._logs = [open(claims.root / f"helper-{i}.log", "w+") for i in range(count)]
-        self._procs = [subprocess.Popen(
-            [sys.executable, "-c", "from pipeline.execution import _helper_main; _helper_main()", str(claims.root)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log) for log in self._logs]
-        for proc in self._procs:
-            try:
-                proc.stdin.write(job)
-                proc.stdin.close()
-            except BrokenPipeError:  # it died at start-up: its reader thread reports its log
-                pass
-        self._readers = [threading.Thread(target=self._read, args=(p, log), daemon=True)
-                         for p, log in zip(self._procs, self._logs)]
-        for t in self._readers:
-            t.start()
-
-    def _read(self, proc, log) -> None:
-        for line in proc.stdout:
-            record = json.loads(line)
-            with self._lock:
-                if "error" in record:
-                    self.errors.append(PoolFormatError(record["message"]))
-                else:
-                    self.summaries.append(record)
-        proc.wait()
-        if proc.returncode and proc.returncode > 0 and not self.errors:
-            log.seek(0)
-            self.errors.append(SignalsError(f"a signals helper process failed:\n{log.read()[-3000:]}"))
-
-    def finished(self) -> bool:
-        return all(not t.is_alive() for t in self._readers)
-
-    def take(self) -> list[dict]:
-        with self._lock:
-            out, self.summaries = self.summaries, []
-        return out
-
-    def wait(self) -> None:
-        for t in self._readers:
-            t.join()
-
-    def stop(self) -> None:
-        for p in self._procs:
-            if p.poll() is None:
-                p.kill()
-        for p in self._procs:
-            p.wait()
-        self.wait()
-        for log in self._logs:
-            log.close()
-
-
-class _RayRunner(threading.Thread):
-    """Ray's whole life in one thread: start (or connect), run the Ray Data job over the files
-    that are still unclaimed, shut down. The main thread only collects results, so it can move
-    on to the queries as soon as every file is done, whether Ray is still starting or already
-    shutting down."""
-
-    # About how long a Ray Data job takes to get its first task running (worker processes,
-    # imports, models); files the helper processes will finish sooner are left to them.
-    JOB_STARTUP_S = 3.0
-
-    def __init__(self, todo, spec: SignalsSpec, executor: Executor, claims: _Claims, results: "queue.Queue",
-                 helpers_eta: "Callable[[int], float]"):
-        super().__init__(name="ray-runner", daemon=True)
-        self.todo, self.spec, self.executor, self.claims, self.results = todo, spec, executor, claims, results
-        self.helpers_eta = helpers_eta  # seconds the helper processes need for n more files
-        self.error: BaseException | None = None
-        self.submitted = 0
-        self.stop = threading.Event()  # set by the caller once every file is done
-
-    def _remaining(self) -> list:
-        """Files to give Ray once it is up: none if the helpers will be done sooner than a Ray
-        Data job could start (then Ray is shut down at once and they finish alone)."""
-        remaining = [(p, o) for p, o in self.todo if not self.claims.claimed(p)]
-        if remaining and self.helpers_eta(len(remaining)) <= self.JOB_STARTUP_S:
-            return []
-        return remaining
-
-    def run(self) -> None:
+    def _ray(self, indices) -> Iterator[tuple[int, dict]]:
         import ray
 
-        from pipeline.cluster import join_ray
-
-        started_here = False
+        ex, stage = self.execution, self.stage
+        indices = list(indices)
+        address = ex.cluster_address
+        workers = max(1, min(ex.num_workers, len(indices)))
+        started_here = join_ray(address, num_cpus=None if address else max(1, math.ceil(workers * stage.cpus)),
+                                num_gpus=None if address or stage.gpus else 0)
         try:
-            if not ray.is_initialized():
-                # A local Ray: no idle workers started in advance; the job starts its own, and
-                # the helpers already use the CPUs while Ray comes up.
-                join_ray(self.executor.ray_address, num_cpus=self.executor.num_workers,
-                         system_config={"prestart_worker_first_driver": False})
-                started_here = True
-            remaining = self._remaining()
-            self.submitted = len(remaining)
-            if remaining and not self.stop.is_set():
-                job = threading.Thread(target=self._iterate, args=(ray, remaining), name="ray-job", daemon=True)
-                job.start()
-                while job.is_alive() and not self.stop.is_set():
-                    job.join(timeout=0.05)
-                # Once every file is done, the job ends at its next result (its tasks now only
-                # find files claimed by the helpers); one still starting up is cut short.
-                job.join(timeout=self.JOB_STARTUP_S)
-        except BaseException as exc:
-            self.error = exc
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.print_on_execution_start = False
+            # One operator does all the work: do not hold CPUs back for the input operator (with
+            # the default reservation only one of two tasks runs at a time on 2 CPUs).
+            ctx.op_resource_reservation_enabled = False
+            units = self.units
+            if stage.models:
+                # Every model replica is up before units are handed out, one at a time: the first
+                # actor to load its model would otherwise take them all.
+                ctx.wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
+                ds = ray.data.from_items([{"index": i} for i in indices], override_num_blocks=len(indices))
+                ds = ds.map_batches(_RayActor, fn_constructor_args=(stage, units), batch_size=1,
+                                    compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+                                    num_cpus=stage.cpus, num_gpus=stage.gpus or None)
+            else:
+                per_call = max(1, min(64, len(indices) // (workers * 4)))
+                ds = ray.data.from_items([{"index": i} for i in indices],
+                                         override_num_blocks=math.ceil(len(indices) / per_call))
+                ds = ds.map_batches(_ray_tasks, fn_kwargs={"stage": stage, "units": units}, batch_size=per_call,
+                                    compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=stage.cpus,
+                                    num_gpus=stage.gpus or None)
+            try:
+                for row in ds.iter_rows():
+                    yield int(row["index"]), self._result(json.loads(row["record"]), "ray")
+            except ray.exceptions.GetTimeoutError:
+                raise RayStartError(f"Ray could not start {workers} {stage.name} workers ({stage.cpus:g} CPUs and "
+                                    f"{stage.gpus:g} GPUs each) within {ACTORS_START_TIMEOUT_S} s: lower the "
+                                    "number of workers or what each needs, or add nodes") from None
         finally:
-            self.results.put(None)  # end of Ray's results
             if started_here:
                 ray.shutdown()
 
-    def _iterate(self, ray, remaining) -> None:
-        try:
-            for row in self._dataset(ray, remaining).iter_rows():
-                if self.stop.is_set():
-                    break
-                summary = json.loads(row["summary"])
-                if summary["status"] == "error":
-                    self.error = PoolFormatError(summary["message"])
-                    break
-                if summary["status"] != "claimed":
-                    self.results.put(summary)
-        except BaseException as exc:
-            if not self.stop.is_set():
-                self.error = exc
-
-    def _dataset(self, ray, remaining):
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        # One operator does all the work: do not hold CPUs back for the input operator (with
-        # the default reservation only one of two tasks runs at a time on 2 CPUs).
-        ctx.op_resource_reservation_enabled = False
-        gpus = float(ray.cluster_resources().get("GPU", 0)) if self.executor.use_gpu else 0.0
-        workers = max(1, min(self.executor.num_workers, len(remaining)))
-        per_call = max(1, min(64, len(remaining) // (workers * 4)))
-        ds = ray.data.from_items([{"parquet": str(p), "signals": str(o)} for p, o in remaining],
-                                 override_num_blocks=math.ceil(len(remaining) / per_call))
-        return ds.map_batches(_process_batch, fn_kwargs={"spec": self.spec, "claims": str(self.claims.root)},
-                              batch_size=per_call, compute=ray.data.TaskPoolStrategy(size=workers),
-                              num_cpus=1, num_gpus=min(1.0, gpus / workers) if gpus else None)
+    def _result(self, record: dict, by: str) -> dict:
+        if "error" in record:
+            raise _rebuild(record["error"])
+        return {**record["ok"], "by": by, "node": record["node"]}
 
 
-def run_ray(todo, spec, executor, progress):
-    """A Ray Data job over the files, with helper processes on this machine covering Ray's
-    start-up. The helpers take files from the end of the list (a marker per file decides who
-    does it) until a Ray task has loaded its models; when Ray is up, it gets the files left,
-    unless the helpers would finish them before a Ray Data job could start (then Ray is shut
-    down unused: on a 2M-row pool with 2 CPUs, Ray's start-up is longer than the whole pass).
-    Ray runs in its own thread and is shut down there while the caller goes on: call
-    `finish_ray` before exiting."""
-    global _SHUTDOWN
+def run_stage(stage: Stage, units: Sequence[Any], execution: Execution) -> StageRun:
+    """`StageRun` over `units`: ``for index, result in run_stage(...)``."""
+    return StageRun(stage, units, execution)
 
-    finish_ray()
-    claims = _Claims(new_claims_root(Path(todo[0][1]).parent))
-    count = executor.helpers
-    if count is None:  # a cluster we connect to is up already: nothing to cover
-        count = 0 if executor.ray_address else min(executor.num_workers, os.cpu_count() or 1)
-    helpers = _Helpers(count, spec, todo, claims)
-    results: queue.Queue = queue.Queue()
-    helper_cpu: list[float] = []  # CPU seconds per file in the helpers: unlike wall time, it
-    # does not depend on how much of the machine Ray's start-up is taking meanwhile
 
-    def helpers_eta(files: int) -> float:
-        """Seconds the helpers need for `files` more files (inf until a few are timed)."""
-        if len(helper_cpu) < 4 or helpers.count == 0:
-            return math.inf
-        return files * float(np.median(helper_cpu)) / helpers.count
-
-    runner = _RayRunner(todo, spec, executor, claims, results, helpers_eta)
-    runner.start()
-    _SHUTDOWN = runner
-    seen: set[str] = set()
-    ray_finished = False
+# --- inside the workers ---------------------------------------------------------------------------
+def _call(worker, unit) -> dict:
+    """One unit, its error returned as data: the executors (a process pool, Ray Data) would
+    otherwise wrap the one line that names the bad file in their own tracebacks."""
     try:
-        while len(seen) < len(todo):
-            for summary in helpers.take():
-                seen.add(summary["file"])
-                if "cpu_seconds" in summary:
-                    helper_cpu.append(summary["cpu_seconds"])
-                yield _progress(summary, len(seen), len(todo), progress)
-            if helpers.errors:
-                raise helpers.errors[0]
-            if runner.error is not None:
-                raise runner.error
-            if ray_finished and helpers.finished():
-                for summary in helpers.take():  # what they printed last
-                    seen.add(summary["file"])
-                    yield _progress(summary, len(seen), len(todo), progress)
-                missing = [p.name for p, _ in todo if p.name not in seen]
-                if missing:
-                    raise SignalsError(f"no worker computed the signals of {', '.join(missing[:5])}")
-                break
-            try:
-                summary = results.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if summary is None:
-                ray_finished = True
-                continue
-            seen.add(summary["file"])
-            yield _progress(summary, len(seen), len(todo), progress)
-    finally:
-        runner.stop.set()
-        helpers.stop()
-        shutil.rmtree(claims.root, ignore_errors=True)
+        return {"ok": worker(unit), "node": current_node()}
+    except Exception as exc:  # noqa: BLE001 (rebuilt, with its type, in the driver)
+        return {"error": {"type": f"{type(exc).__module__}:{type(exc).__qualname__}", "message": str(exc),
+                          "traceback": traceback.format_exc()}, "node": current_node()}
 
 
-def _progress(summary: dict, done: int, total: int, progress: bool) -> dict:
-    if progress and (done == total or done % max(1, total // 10) == 0):
-        print(f"signals: {done}/{total} files", file=sys.stderr)
-    return summary
+def _rebuild(error: dict) -> BaseException:
+    """The worker's exception, of its own type when that takes a message (so commands print
+    their one-line errors), else a `StageError`; the worker's traceback is attached as a note."""
+    module, _, name = error["type"].partition(":")
+    exc: BaseException
+    try:
+        cls = importlib.import_module(module)
+        for part in name.split("."):
+            cls = getattr(cls, part)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            raise TypeError(name)
+        exc = cls(error["message"])
+    except Exception:  # noqa: BLE001
+        exc = StageError(f"{error['type'].replace(':', '.')}: {error['message']}")
+    exc.add_note(f"in a worker:\n{error['traceback']}")
+    return exc
 
 
+_WORKER: tuple[Stage, Any] | None = None  # this process's stage worker (a process pool's or a Ray task's)
+
+
+def _worker_for(stage: Stage):
+    global _WORKER
+    if _WORKER is None or _WORKER[0] != stage:
+        worker = stage.worker(*stage.args)
+        warm_up = getattr(worker, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+        _WORKER = (stage, worker)
+    return _WORKER[1]
+
+
+def _init_process(stage: Stage) -> None:
+    _worker_for(stage)
+
+
+def _process_unit(unit) -> dict:
+    assert _WORKER is not None
+    return _call(_WORKER[1], unit)
+
+
+def _ray_tasks(batch: dict, stage: Stage, units: list) -> dict:
+    """A Ray Data task over a batch of unit indices; the worker is kept per Ray worker process,
+    so its models load once per process, as an actor's would, without an actor pool's start-up."""
+    worker = _worker_for(stage)
+    indices = [int(i) for i in batch["index"]]
+    return {"index": indices, "record": [json.dumps(_call(worker, units[i])) for i in indices]}
+
+
+class _RayActor:
+    """A Ray Data actor holding one stage worker (and its model)."""
+
+    def __init__(self, stage: Stage, units: list):
+        self.worker = _worker_for(stage)
+        self.units = units
+
+    def __call__(self, batch: dict) -> dict:
+        indices = [int(i) for i in batch["index"]]
+        return {"index": indices, "record": [json.dumps(_call(self.worker, self.units[i])) for i in indices]}

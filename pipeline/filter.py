@@ -50,6 +50,7 @@ from pools.scales import SCALES, get_scale
 from pools.uids import (RepeatedKeys, SubsetWriter, halves_keys, records_from_halves, records_to_uids,
                         uid_keys, uids_to_records)
 
+from pipeline.execution import Decision, Execution, add_execution_flags, execution_from_args
 from pipeline.strategies import (ALIASES, BUILTIN_SPECS, STRATEGIES, Funnel, SpecError, StrategySpec, apply_spec,
                                  evaluate_steps, groups_needed, required_metadata, resolve_strategies, selection_values,
                                  signals_needed, with_members)
@@ -109,10 +110,7 @@ class FilterConfig:
     targets_pretrained: str | None = None
     lid_model: Path | None = None
     morphy_repeat_rules: bool = True
-    executor: str = "ray"
-    ray_address: str | None = None
-    num_workers: int = max(1, os.cpu_count() or 1)
-    helpers: int | None = None  # local processes that work while Ray starts (default num_workers)
+    execution: Execution = Execution()  # where the signals pass runs (pipeline.execution)
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
     skip_bad_files: bool = False
     keep_first_duplicate: bool = False  # a uid in two rows: keep the first (True) or stop naming both
@@ -742,12 +740,7 @@ def _members_of(names: Sequence[str], specs: Mapping[str, StrategySpec]) -> set[
 
 def run(cfg: FilterConfig) -> dict:
     """Run the filtering job described by `cfg`; returns the stats written to stats.json."""
-    from pipeline.execution import finish_ray
-
-    try:
-        return _run(cfg)
-    finally:
-        finish_ray()  # a Ray this run started is shut down while the queries run; wait for it
+    return _run(cfg)
 
 
 def _skip(cfg: FilterConfig, reasons: Mapping[str, str], requested: list[str], specs: dict,
@@ -802,7 +795,6 @@ def _run(cfg: FilterConfig) -> dict:
                   "centroids are nearest to a target")
 
     # 1. signals (after the global steps whose results some of them hand out)
-    from pipeline.execution import Executor
     from pipeline.models import ModelSettings
     from pipeline.signals import SignalsSpec, group_keys
     from pipeline.signals_pass import run_signals_pass
@@ -825,6 +817,7 @@ def _run(cfg: FilterConfig) -> dict:
     from_metadata = set(groups) == {"base"} and set(columns_read) <= set(SCORE_COLUMNS.values())
     skipped_files: dict[str, str] = {}
     signal_summaries: list[dict] = []
+    execution: Decision | None = None
     keys: dict[str, str] = {}
     if not from_metadata:
         t = time.perf_counter()
@@ -832,9 +825,10 @@ def _run(cfg: FilterConfig) -> dict:
         spec = SignalsSpec(groups=groups, keys=keys, required_columns=required_metadata(specs.values(), groups),
                            models=models, gates=signals_needed(specs.values(), keys),
                            skip_bad_files=cfg.skip_bad_files, named_scorers=tuple(scorers))
-        executor = Executor(kind=cfg.executor, ray_address=cfg.ray_address, num_workers=cfg.num_workers,
-                            use_gpu=device is not None and "centroid" in groups, helpers=cfg.helpers)
-        signal_summaries = run_signals_pass(files, cfg.signals, spec, executor, progress=cfg.progress)
+        # A GPU is shared by the workers (centroid assignment is a small share of their work).
+        gpus = 1.0 / cfg.execution.num_workers if device is not None and device.startswith("cuda") else 0.0
+        signal_summaries, execution = run_signals_pass(files, cfg.signals, spec, cfg.execution,
+                                                       progress=cfg.progress, gpus=gpus)
         skipped_files = {s["file"]: s["reason"] for s in signal_summaries if s["status"] == "skipped"}
         timings["signals_s"] = time.perf_counter() - t
 
@@ -937,7 +931,7 @@ def _run(cfg: FilterConfig) -> dict:
     if near_copies is not None:
         stats["eval_near_copies"] = near_copies.as_dict(requested)
     _merge_write(cfg.out / "stats.json", stats)
-    manifest = _manifest(cfg, requested, entries, files, signal_summaries, keys, groups, models, image_inputs,
+    manifest = _manifest(cfg, requested, entries, files, signal_summaries, execution, keys, groups, models, image_inputs,
                          selections, outputs, timings, device)
     _merge_write(cfg.out / "manifest.json", manifest)
     return stats
@@ -993,7 +987,7 @@ def _stats(cfg, names, entries, funnels, rows_read, files_read, files, skipped_f
     }
 
 
-def _manifest(cfg, names, entries, files, signal_summaries, keys, groups, models, image_inputs, selections,
+def _manifest(cfg, names, entries, files, signal_summaries, execution, keys, groups, models, image_inputs, selections,
               outputs, timings, device) -> dict:
     from pipeline.models import MODELS, package_versions, resolve_lid_model
     from pipeline.signals import SIGNAL_GROUPS
@@ -1028,12 +1022,13 @@ def _manifest(cfg, names, entries, files, signal_summaries, keys, groups, models
                     "computed_by": dict(sorted(Counter(s.get("by", "?") for s in signal_summaries
                                                        if s["status"] == "computed").items())),
                     "cpu_seconds": round(sum(s.get("cpu_seconds", 0.0) for s in signal_summaries), 3),
-                    "ray_nodes": sorted({s["node"] for s in signal_summaries if "node" in s})},
+                    "ray_nodes": sorted({s["node"] for s in signal_summaries if s.get("by") == "ray"})},
         "models": described,
         "strategies": {n: {**entries[n], "output": outputs[n]} for n in names},
         "device": device or "cpu",
-        "executor": {"kind": cfg.executor if keys else "in-process (no signals to compute)",
-                     "ray_address": cfg.ray_address, "num_workers": cfg.num_workers},
+        "executor": {**(execution.as_json() if execution else
+                        {"executor": "in-process", "workers": 1, "reason": "no signals to compute"}),
+                     "requested": cfg.execution.executor, "ray_address": cfg.execution.cluster_address},
         "versions": {"python": platform.python_version(), **package_versions()},
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -1135,16 +1130,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "only its first row (file order, then row order) is kept and the others are counted "
                         "as duplicate_uid in stats.json (keep-first)")
     g.add_argument("--quiet", action="store_true", help="no progress messages")
-    g = parser.add_argument_group("execution")
-    g.add_argument("--ray-address", help="connect to this Ray cluster (default: start a local Ray)")
-    g.add_argument("--num-workers", type=int, default=max(1, os.cpu_count() or 1),
-                   help="signal workers (Ray actors), one CPU each (default: CPU count, %(default)s)")
-    g.add_argument("--executor", choices=["ray", "local"], default="ray",
-                   help="ray (default) or local: compute signals in this process, one file at a time")
-    g.add_argument("--helpers", type=int, default=None,
-                   help="processes on this machine that compute signals while Ray starts and share the "
-                        "files with Ray's tasks (default: --num-workers; 0: Ray's tasks do every file)")
-    g.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu or cuda[:i] "
+    add_execution_flags(parser, workers_help="signal workers, one CPU each (processes or Ray tasks)")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu or cuda[:i] "
                    "for centroid assignment")
     return parser
 
@@ -1162,8 +1149,7 @@ def config_from_args(args: argparse.Namespace) -> FilterConfig:
         signals_dir=args.signals_dir, arch=args.arch, fraction=args.fraction, threshold=args.threshold,
         centroids=args.centroids, targets=tuple(args.targets), eval_sets=tuple(args.eval_sets),
         targets_model=args.targets_model, targets_pretrained=args.targets_pretrained, lid_model=args.lid_model,
-        morphy_repeat_rules=args.nltk_morphy == "3.8.1", executor=args.executor, ray_address=args.ray_address,
-        num_workers=max(1, args.num_workers), helpers=args.helpers, device=args.device,
+        morphy_repeat_rules=args.nltk_morphy == "3.8.1", execution=execution_from_args(args), device=args.device,
         skip_bad_files=args.on_bad_file == "skip", keep_first_duplicate=args.on_duplicate_uid == "keep-first",
         all_requested="all" in args.strategy, progress=not args.quiet,
         semdedup_embedding=args.semdedup_embedding, semdedup_clusters=args.semdedup_clusters,

@@ -43,14 +43,15 @@ import shutil
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cluster import RayStartError, current_node, join_ray
+from pipeline.cluster import RayStartError, current_node
+from pipeline.execution import Execution, Stage, add_execution_flags, execution_from_args, run_stage
 from pools.cli import one_line_errors
 from pools.files import atomic_path, file_fingerprint, remove_stale_temporaries, write_json_atomic
 from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool, PoolFormatError
@@ -82,15 +83,13 @@ class ReshardConfig:
     subset_file: Path
     output_dir: Path
     shard_size: int = SAMPLES_PER_SHARD  # max samples per output shard
-    num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    execution: Execution = Execution()  # where the tasks run (pipeline.execution); num_workers also plans them
     max_task_samples: int = 2_000_000  # input samples per task at most: the unit of resumption
     shard_format: str = SHARD_FORMAT
     shard_stats_format: str = SHARD_STATS_FORMAT
     output_shard_format: str = SHARD_FORMAT
     output_shard_stats_format: str = SHARD_STATS_FORMAT
     overwrite: bool = False
-    use_ray: bool = True  # False: run tasks one after another in this process
-    ray_address: str | None = None  # a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray of our own)
     on_bad_shard: str = "fail"  # "skip": leave an unreadable or truncated shard out, listed in meta.json
     on_duplicate_uid: str = "error"  # "keep-first": write the first sample of a uid found twice
 
@@ -102,8 +101,6 @@ class ReshardConfig:
                              f"got {self.on_duplicate_uid!r}")
         if self.shard_size <= 0:
             raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
-        if self.num_workers <= 0:
-            raise ValueError(f"--num-workers must be positive, got {self.num_workers}")
         if self.max_task_samples <= 0:
             raise ValueError(f"max_task_samples must be positive, got {self.max_task_samples}")
 
@@ -394,10 +391,24 @@ def _prepare_output(cfg: ReshardConfig, signature: dict) -> str:
     return "fresh"
 
 
+class ReshardWorker:
+    """The execution layer's worker: a unit is (task, input samples it must not write)."""
+
+    def __init__(self, subset_file: str, parts: str, shard_size: int, output_shard_format: str, on_bad_shard: str):
+        self.subset_file, self.parts, self.shard_size = subset_file, parts, shard_size
+        self.output_shard_format, self.on_bad_shard = output_shard_format, on_bad_shard
+
+    def __call__(self, unit: tuple[Task, tuple[int, ...]]) -> dict:
+        task, skip_samples = unit
+        return reshard_task(task, self.subset_file, str(Path(self.parts) / f"task_{task.task_id:05d}"),
+                            self.shard_size, self.output_shard_format, self.on_bad_shard, skip_samples)
+
+
 def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int,
-               skips: Mapping[int, tuple[int, ...]] | None = None) -> list[dict]:
+               skips: Mapping[int, tuple[int, ...]] | None = None) -> tuple[list[dict], dict | None]:
     """Run the tasks not done yet; `skips`: per task, the input samples it must not write (a task
-    done with other skips runs again); None: any finished task is taken as it is."""
+    done with other skips runs again); None: any finished task is taken as it is. Returns every
+    task's result and how the ones run now were run."""
     parts = cfg.output_dir / PARTS_DIR
     results: dict[int, dict] = {}
     todo = []
@@ -407,36 +418,17 @@ def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int,
         if done is not None and (skips is None or done["skip_samples"] == sorted(skips.get(task.task_id, ()))):
             results[task.task_id] = done
         else:
-            todo.append(task)
-    args = lambda t: (t, str(cfg.subset_file), str(parts / f"task_{t.task_id:05d}"),  # noqa: E731
-                      cfg.shard_size, cfg.output_shard_format, cfg.on_bad_shard,
-                      tuple((skips or {}).get(t.task_id, ())))
+            todo.append((task, tuple((skips or {}).get(task.task_id, ()))))
     done_samples = sum(r["processed_count"] for r in results.values()) if skips is None else 0
+    stage = Stage("reshard", ReshardWorker, (str(cfg.subset_file), str(parts), cfg.shard_size,
+                                             cfg.output_shard_format, cfg.on_bad_shard))
+    run = run_stage(stage, todo, cfg.execution)
     with tqdm(total=total_samples, initial=done_samples, desc="resharding", unit="sample",
               file=sys.stderr, smoothing=0) as bar:
-        if not cfg.use_ray or len(todo) <= 1:
-            for task in todo:
-                results[task.task_id] = reshard_task(*args(task))
-                bar.update(results[task.task_id]["processed_count"])
-        else:
-            import ray
-
-            join_ray(cfg.ray_address, num_cpus=cfg.num_workers)
-            remote = ray.remote(num_cpus=1, max_retries=1)(reshard_task)
-            pending = {remote.remote(*args(t)): t for t in todo}
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    pending.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except ray.exceptions.RayTaskError as exc:
-                        if isinstance(exc.cause, (ReshardError, PoolFormatError)):
-                            raise exc.cause from None  # the one line that names the shard
-                        raise
-                    results[result["task_id"]] = result
-                    bar.update(result["processed_count"])
-    return [results[t.task_id] for t in tasks]
+        for _, result in run:
+            results[result["task_id"]] = result
+            bar.update(result["processed_count"])
+    return [results[t.task_id] for t in tasks], run.decision.as_json() if run.decision else None
 
 
 def _found_samples(cfg: ReshardConfig, tasks: list[Task]) -> np.ndarray:
@@ -526,15 +518,15 @@ def reshard(cfg: ReshardConfig) -> dict:
         return meta
 
     total = shards[-1].data_start + shards[-1].size
-    num_tasks = min(len(shards), max(cfg.num_workers, math.ceil(total / cfg.max_task_samples)))
+    num_tasks = min(len(shards), max(cfg.execution.num_workers, math.ceil(total / cfg.max_task_samples)))
     tasks = plan_tasks(shards, num_tasks)
-    results = _run_tasks(cfg, tasks, total)
+    results, execution = _run_tasks(cfg, tasks, total)
     found = _found_samples(cfg, tasks)
     skips = later_copies(found, subset, shards, tasks, cfg.on_duplicate_uid)
     if skips:
         print(f"{sum(map(len, skips.values()))} input samples repeat a uid selected earlier: writing the first "
               f"only (--on-duplicate-uid keep-first); redoing {len(skips)} task(s)", file=sys.stderr)
-        results = _run_tasks(cfg, tasks, total, skips)
+        results, execution = _run_tasks(cfg, tasks, total, skips)
     output_shard_count = _finalize(cfg, results)
     with atomic_path(cfg.output_dir / SAMPLE_IDS_FILE) as tmp:
         shutil.copyfile(cfg.subset_file, tmp)
@@ -547,7 +539,7 @@ def reshard(cfg: ReshardConfig) -> dict:
     meta = {
         # the reference's argument names
         "input_dir": str(cfg.input_dir), "output_dir": str(cfg.output_dir),
-        "subset_file": str(cfg.subset_file), "num_workers": cfg.num_workers,
+        "subset_file": str(cfg.subset_file), "num_workers": cfg.execution.num_workers,
         "shard_size": cfg.shard_size, "shard_format": cfg.shard_format,
         "output_shard_format": cfg.output_shard_format,
         "shard_stats_format": cfg.shard_stats_format,
@@ -568,7 +560,7 @@ def reshard(cfg: ReshardConfig) -> dict:
         "input_shards_failed": failed, "input_samples_failed": sum(f["expected_samples"] for f in failed),
         "expected_input_samples": total, "input_bytes": counts["input_bytes"],
         "output_bytes": counts["output_bytes"], "tasks": len(tasks),
-        "warnings": warnings, "nodes": sorted({r["node"] for r in results}),
+        "warnings": warnings, "nodes": sorted({r["node"] for r in results}), "execution": execution,
         "elapsed_s": round(time.perf_counter() - start, 3),
         "cwd": str(Path.cwd()), "plan_signature": signature,
     }
@@ -620,8 +612,6 @@ def main(argv: list[str] | None = None) -> dict:
                         help="output folder for the training shards")
     parser.add_argument("--shard-size", type=int, default=SAMPLES_PER_SHARD,
                         help="maximum samples per output shard (default %(default)s)")
-    parser.add_argument("-j", "--num-workers", type=int, default=os.cpu_count() or 1,
-                        help="parallel Ray tasks (default: CPU count, %(default)s)")
     parser.add_argument("--max-task-samples", type=int, default=ReshardConfig.max_task_samples,
                         help="input samples per task at most; smaller = finer resumption "
                              "(default %(default)s)")
@@ -639,21 +629,19 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a subset uid found in two samples of the shards stops the job naming both (error, "
                              "default), or only the first in input order is written and the others counted as "
                              "dropped_duplicate_uid (keep-first)")
-    parser.add_argument("--ray-address", help="a running Ray cluster to join (default: $RAY_ADDRESS, else a local "
-                                              "Ray of this command's own); the shards and --out must be on a disk "
-                                              "every node sees")
-    parser.add_argument("--no-ray", action="store_true", help="run in this process, one task after another")
+    add_execution_flags(parser, workers_help="parallel tasks (processes or Ray tasks)",
+                        worker_flags=("-j", "--num-workers"))
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the output folder's contents first (default: resume or refuse)")
     args = parser.parse_args(argv)
     try:
         cfg = ReshardConfig(input_dir=args.input_dir or _input_dir(args.pool), subset_file=args.subset,
-                            output_dir=args.out, shard_size=args.shard_size, num_workers=args.num_workers,
+                            output_dir=args.out, shard_size=args.shard_size, execution=execution_from_args(args),
                             max_task_samples=args.max_task_samples, shard_format=args.shard_format,
                             shard_stats_format=args.shard_stats_format,
                             output_shard_format=args.output_shard_format,
                             output_shard_stats_format=args.output_shard_stats_format,
-                            overwrite=args.overwrite, use_ray=not args.no_ray, ray_address=args.ray_address,
+                            overwrite=args.overwrite,
                             on_bad_shard=args.on_bad_shard,
                             on_duplicate_uid=args.on_duplicate_uid)
     except ValueError as exc:

@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.cluster import current_node
+from pipeline.execution import Execution, Stage, add_execution_flags, execution_from_args, run_stage
 from pools.cli import one_line_errors
 from pools.files import atomic_path, remove_stale_temporaries, write_json_atomic
 from pools.format import NPZ_DTYPE, NPZ_KEYS, SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
@@ -65,7 +66,6 @@ from pools.uids import UID_DTYPE, uids_to_records
 
 ARCH_WIDTH = {"b32": NPZ_KEYS["b32_img"], "l14": NPZ_KEYS["l14_img"]}
 STAGING_DIR = ".scoring"
-ACTORS_START_TIMEOUT_S = 600
 SCORERS_DIR = "scores"  # <pool>/scores/<NAME>/: the named scorers (--as NAME)
 SCORER_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
@@ -85,20 +85,18 @@ class ScoreConfig:
     pretrained: str | None = None  # open_clip checkpoint for a built-in name
     arch: str | None = None  # "b32" or "l14"; None: from the model's width
     batch_size: int = 256
-    num_actors: int = 1
-    num_gpus: float = 0.0  # per actor
+    execution: Execution = Execution(num_workers=1)  # model replicas: processes or Ray actors
+    num_gpus: float = 0.0  # per model replica
     cpus_per_actor: int = 1
     decode_threads: int = 2
-    use_ray: bool = True
     overwrite: bool = False
-    ray_address: str | None = None  # a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray of our own)
     skip_bad_shards: bool = False  # a shard that is not a readable tar is left out and listed, not fatal
 
     def __post_init__(self) -> None:
         if self.arch is not None and self.arch not in ARCH_WIDTH and not SCORER_NAME.fullmatch(self.arch):
             raise ValueError(f"--as must be b32, l14 (CommonPool's columns) or a scorer name of lowercase letters, "
                              f"digits and _ (score_<NAME>), got {self.arch!r}")
-        for name in ("batch_size", "num_actors", "cpus_per_actor", "decode_threads"):
+        for name in ("batch_size", "cpus_per_actor", "decode_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -207,16 +205,13 @@ class ShardEmbedder:
         self.prefetch = ThreadPoolExecutor(1)
         self.decoders = ThreadPoolExecutor(cfg.decode_threads)
 
-    def __call__(self, batch: dict) -> dict:
-        results = []
-        for p in batch["shard"]:
-            try:
-                results.append({**self.embed_shard(str(p)), "error": ""})
-            except PoolFormatError as exc:
-                # Returned, not raised: Ray Data would bury the line that names the shard in
-                # its own traceback of the task.
-                results.append({**NO_SHARD_RESULT, "shard": str(p), "node": current_node(), "error": str(exc)})
-        return {k: [r[k] for r in results] for k in results[0]}
+    def __call__(self, shard: str) -> dict:
+        """The execution layer's unit: one shard."""
+        try:
+            return {**self.embed_shard(shard), "error": ""}
+        except PoolFormatError as exc:
+            # Returned, not raised: with --on-bad-shard skip the other shards go on.
+            return {**NO_SHARD_RESULT, "shard": shard, "node": current_node(), "error": str(exc)}
 
     def _encode(self, images, texts):
         torch = self.torch
@@ -291,56 +286,28 @@ def _shard_failed(cfg: ScoreConfig, out_dir: Path, shard: str, error: str) -> No
     write_json_atomic(_failed_marker(out_dir, Path(shard)), {"shard": Path(shard).name, "reason": error})
 
 
-def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path) -> list[dict]:
-    """Embed every shard whose result is not saved yet; in this process or as a Ray Data job."""
+def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path) -> tuple[list[dict], dict | None]:
+    """Embed every shard whose result is not saved yet (pipeline.execution's stage ``score``);
+    returns the results and how they were run."""
     todo = [s for s in shards if not (out_dir / (s.stem + ".npz")).is_file()
             and not _failed_marker(out_dir, s).is_file()]
     results: list[dict] = []
     if not todo:
-        return results
+        return results, None
+    stage = Stage("score", ShardEmbedder, (cfg, arch, str(out_dir)), cpus=cfg.cpus_per_actor, gpus=cfg.num_gpus,
+                  models=True)
+    run = run_stage(stage, [str(s) for s in todo], cfg.execution)
     # (closed before an error propagates: its last refresh must not follow the error line)
     with tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"embedding ({arch})", unit="shard",
               file=sys.stderr) as bar:
-        if not cfg.use_ray:
-            embedder = ShardEmbedder(cfg, arch, str(out_dir))
-            for shard in todo:
-                try:
-                    results.append(embedder.embed_shard(str(shard)))
-                except PoolFormatError as exc:
-                    _shard_failed(cfg, out_dir, str(shard), str(exc))
-                bar.update(1)
-        else:
-            import ray
-
-            from pipeline.cluster import join_ray
-
-            join_ray(cfg.ray_address)
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
-            # Every model replica is up before shards are handed out, one at a time: the first
-            # actor to load its model would otherwise take them all (a shard is minutes of work).
-            ctx.wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
-            actors = min(cfg.num_actors, len(todo))
-            ds = ray.data.from_items([{"shard": str(s)} for s in todo], override_num_blocks=len(todo))
-            ds = ds.map_batches(ShardEmbedder, fn_constructor_args=(cfg, arch, str(out_dir)), batch_size=1,
-                                compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-                                num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus or None)
-            try:
-                for row in ds.iter_rows():
-                    row = dict(row)
-                    error = row.pop("error")
-                    if error:
-                        _shard_failed(cfg, out_dir, row["shard"], error)
-                    else:
-                        results.append(row)
-                    bar.update(1)
-            except ray.exceptions.GetTimeoutError:
-                from pipeline.cluster import RayStartError
-
-                raise RayStartError(f"Ray could not start {actors} model actors ({cfg.cpus_per_actor} CPUs and "
-                                    f"{cfg.num_gpus} GPUs each) within {ACTORS_START_TIMEOUT_S} s: lower "
-                                    "--num-actors, --cpus-per-actor or --num-gpus, or add nodes") from None
-    return results
+        for _, row in run:
+            error = row.pop("error")
+            if error:
+                _shard_failed(cfg, out_dir, row["shard"], error)
+            else:
+                results.append(row)
+            bar.update(1)
+    return results, run.decision.as_json() if run.decision else None
 
 
 # --- joining results to the metadata ----------------------------------------------------------
@@ -461,7 +428,7 @@ def score_pool(cfg: ScoreConfig) -> dict:
     write_json_atomic(sig_path, signature)
 
     t_embed = time.perf_counter()
-    results = embed_shards(cfg, arch, shards, out_dir)
+    results, execution = embed_shards(cfg, arch, shards, out_dir)
     embed_s = time.perf_counter() - t_embed
     staged = load_staged(out_dir, shards)
     failed = []
@@ -492,7 +459,7 @@ def score_pool(cfg: ScoreConfig) -> dict:
         **counts, "shard_samples": int(len(staged["uid"])),
         "shard_samples_not_in_metadata": int((~in_metadata).sum()),
         "shards": len(shards), "shards_embedded_this_run": len(results),
-        "nodes": sorted({r["node"] for r in results}),
+        "nodes": sorted({r["node"] for r in results}), "execution": execution,
         # left out with --on-bad-shard skip; their rows are among missing_from_shards
         "input_shards_failed": failed,
         "embed_s": round(embed_s, 3), "total_s": round(time.perf_counter() - start, 3),
@@ -544,7 +511,6 @@ def main(argv: list[str] | None = None) -> dict:
                              "embeddings <NAME>_img/_txt, in <pool>/scores/<NAME>/")
     parser.add_argument("--batch-size", type=int, default=ScoreConfig.batch_size,
                         help="images per model call (default %(default)s)")
-    parser.add_argument("--num-actors", type=int, default=1, help="model replicas (Ray actors) (default 1)")
     parser.add_argument("--num-gpus", type=float, default=0.0,
                         help="GPUs per actor; > 0 runs the model on CUDA with bf16 autocast (default 0)")
     parser.add_argument("--cpus-per-actor", type=int, default=max(1, (os.cpu_count() or 1) - 1),
@@ -555,17 +521,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a shard that is not a readable tar stops the job naming it (fail, default), or is "
                              "left out (its rows get no score, as images that failed to download) and listed in "
                              "score_<arch>.json's input_shards_failed (skip)")
-    parser.add_argument("--ray-address", help="a running Ray cluster to join (default: $RAY_ADDRESS, else a local "
-                                              "Ray of this command's own); the pool must be on a disk every node sees")
-    parser.add_argument("--no-ray", action="store_true", help="run in this process, shard after shard")
+    add_execution_flags(parser, workers_help="model replicas (processes or Ray actors)", default_workers_=1,
+                        worker_flags=("--num-workers", "--num-actors"))
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute even if the pool is already scored with this model")
     args = parser.parse_args(argv)
     try:
         cfg = ScoreConfig(pool=args.pool, model=args.model, pretrained=args.pretrained, arch=args.arch,
-                          batch_size=args.batch_size, num_actors=args.num_actors, num_gpus=args.num_gpus,
+                          batch_size=args.batch_size, execution=execution_from_args(args), num_gpus=args.num_gpus,
                           cpus_per_actor=args.cpus_per_actor, decode_threads=args.decode_threads,
-                          use_ray=not args.no_ray, ray_address=args.ray_address, overwrite=args.overwrite,
+                          overwrite=args.overwrite,
                           skip_bad_shards=args.on_bad_shard == "skip")
     except ValueError as exc:
         parser.error(str(exc))

@@ -462,6 +462,11 @@ class SignalsWorker:
             for m in SIGNAL_GROUPS[g].models:
                 self.model(m)
 
+    def __call__(self, unit: tuple[str, str]) -> dict:
+        """The execution layer's unit: (metadata file, its signals file)."""
+        parquet, out = unit
+        return self.process(Path(parquet), Path(out))
+
     def process(self, parquet: Path, out: Path) -> dict:
         """Bring one file's signals up to the spec; a summary of what was done."""
         started = time.perf_counter()

@@ -1,8 +1,8 @@
 """The signals pass: bring the signals of every metadata file of a pool up to a `SignalsSpec`.
 
 Files whose stored signals already match are checked and reused here, from their headers;
-the rest go to `pipeline.execution` (a Ray Data job, or this process with
-``Executor(kind="local")``), which runs a `pipeline.signals.SignalsWorker` per file.
+the rest go to `pipeline.execution` as the stage ``signals``: a `pipeline.signals.SignalsWorker`
+per process (or Ray worker), one metadata file per unit.
 """
 
 from __future__ import annotations
@@ -11,30 +11,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.execution import Executor, run_local, run_ray
+from pipeline.execution import Decision, Execution, Stage, run_stage
 from pipeline.signals import SignalsSpec, SignalsWorker, groups_to_compute, signals_path
 from pools.format import PoolFormatError
 
 
-def _find_cause(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
-    """The first exception of `types` in `exc`'s chain (Ray wraps a worker's error)."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, types):
-            return e
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
-
-
 def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec,
-                     executor: Executor | None = None, *, progress: bool = True) -> list[dict]:
-    """Bring the signals of every file up to `spec`; returns one summary per file."""
-    executor = executor if executor is not None else Executor()
+                     execution: Execution | None = None, *, progress: bool = True, gpus: float = 0.0
+                     ) -> tuple[list[dict], Decision | None]:
+    """Bring the signals of every file up to `spec`; returns one summary per file and how the
+    files that needed work were run (None when every file's signals were reused)."""
+    execution = execution if execution is not None else Execution()
     signals_dir = Path(signals_dir)
     signals_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
@@ -44,7 +31,7 @@ def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec
         out = signals_path(signals_dir, parquet)
         groups, header = groups_to_compute(parquet, out, spec)
         if groups:
-            todo.append((parquet, out))
+            todo.append((str(parquet), str(out)))
             continue
         try:
             # The strategies may need columns that the run which stored these signals did not.
@@ -57,19 +44,17 @@ def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec
             continue
         summaries[parquet.name] = {"file": parquet.name, "status": "reused", "rows": header["rows"],
                                    "computed": [], "seconds": 0.0}
+    decision = None
     if todo:
         if progress:
             print(f"signals: computing {', '.join(spec.groups)} for {len(todo)} of {len(files)} "
-                  f"metadata files ({executor.kind}, {executor.num_workers} workers)", file=sys.stderr)
-        run = run_ray if executor.kind == "ray" else run_local
-        try:
-            for summary in run(todo, spec, executor, progress):
-                summaries[summary["file"]] = summary
-        except Exception as exc:
-            from pipeline.models import ModelInputError
-
-            cause = _find_cause(exc, (PoolFormatError, ModelInputError, FileNotFoundError))
-            if cause is not None and cause is not exc:
-                raise type(cause)(str(cause)) from exc
-            raise
-    return [summaries[p.name] for p in files]
+                  f"metadata files", file=sys.stderr)
+        run = run_stage(Stage("signals", SignalsWorker, (spec,), gpus=gpus), todo, execution)
+        step = max(1, len(todo) // 10)
+        for done, (_, summary) in enumerate(run, 1):
+            summaries[summary["file"]] = summary
+            if progress and (done == len(todo) or done % step == 0):
+                print(f"signals: {done}/{len(todo)} files ({run.decision.executor if run.decision else 'probe'})",
+                      file=sys.stderr)
+        decision = run.decision
+    return [summaries[p.name] for p in files], decision

@@ -47,11 +47,11 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def all_run(pool, image_inputs, ray_cluster, tmp_path_factory):
-    """`--strategy all` once, as a Ray Data job with 2 workers doing every file (no helpers)."""
+    """`--strategy all` once, as a Ray Data job with 2 workers."""
     out = tmp_path_factory.mktemp("all")
     centroids, targets = image_inputs
     stats = main(["--pool", str(pool), "--strategy", "all", "--centroids", str(centroids), "--targets",
-                  str(targets), "--out", str(out), "--num-workers", "2", "--helpers", "0",
+                  str(targets), "--out", str(out), "--num-workers", "2", "--executor", "ray",
                   "--signals-dir", str(out / "signals"), "--quiet"])
     return out, stats
 

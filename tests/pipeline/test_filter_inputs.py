@@ -170,8 +170,7 @@ def test_unscored_pool_is_an_error_not_an_empty_subset(tmp_path):
     assert sorted(p.name for p in (tmp_path / "all").glob("*.npy")) == ["basic.npy", "no_filter.npy", "text.npy"]
 
 
-@pytest.mark.parametrize("executor", [["--executor", "local"], ["--executor", "ray", "--helpers", "0",
-                                                                  "--num-workers", "2"]])
+@pytest.mark.parametrize("executor", [["--executor", "local"], ["--executor", "ray", "--num-workers", "2"]])
 def test_cli_exit_code_and_message(pool, tmp_path, executor):
     """Also when a Ray Data task meets the bad file: one line naming it, no traceback."""
     import subprocess

@@ -61,7 +61,7 @@ def test_filter_reshard_and_score_on_two_nodes_equal_the_local_run(cluster, scor
                   .column("uid").to_pylist()]
     write_subset(subset, uids_to_records(truth_uids[::2]))
     args = ["--pool", str(small_pool), "--subset", str(subset), "-j", "2", "--shard-size", "50"]
-    local = reshard_main(args + ["--out", str(tmp_path / "reshard_local"), "--no-ray"])
+    local = reshard_main(args + ["--out", str(tmp_path / "reshard_local"), "--executor", "local"])
     meta = reshard_main(args + ["--out", str(tmp_path / "reshard_cluster"), "--ray-address", cluster.address])
     ray.shutdown()
     shards = [p.name for p in sorted((tmp_path / "reshard_local").iterdir()) if p.name != "meta.json"]
@@ -75,7 +75,7 @@ def test_filter_reshard_and_score_on_two_nodes_equal_the_local_run(cluster, scor
         pools[name] = tmp_path / name
         shutil.copytree(small_pool, pools[name])
     args = ["--model", str(checkpoints["b32"]), "--batch-size", "64", "--cpus-per-actor", "1"]
-    score_main(["--pool", str(pools["score_local"]), "--no-ray", *args])
+    score_main(["--pool", str(pools["score_local"]), "--executor", "local", *args])
     summary = score_main(["--pool", str(pools["score_cluster"]), "--ray-address", cluster.address,
                           "--num-actors", "2", *args])
     ray.shutdown()

@@ -33,7 +33,7 @@ def scored(small_pool, tmp_path_factory):
     checkpoint = root / "dfn.pt"
     torch.save({"epoch": 1, "state_dict": model.state_dict(), **model_config_record(cfg)}, checkpoint)
     before = {p.name: p.read_bytes() for p in (pool / "metadata").iterdir()}
-    summary = score_main(["--pool", str(pool), "--model", str(checkpoint), "--as", "mydfn", "--no-ray",
+    summary = score_main(["--pool", str(pool), "--model", str(checkpoint), "--as", "mydfn", "--executor", "local",
                           "--batch-size", "64", "--cpus-per-actor", "1"])
     return pool, summary, before
 

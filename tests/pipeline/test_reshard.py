@@ -9,7 +9,9 @@ import pytest
 import torch
 import webdataset as wds
 
+import pipeline.execution as execution_mod
 import pipeline.reshard as reshard_mod
+from pipeline.execution import Execution
 from pipeline.reshard import InputShard, ReshardConfig, discover_shards, main, plan_tasks, reshard
 from pools.format import Pool
 from pools.uids import UID_DTYPE, uids_to_records, write_subset
@@ -73,7 +75,7 @@ def test_reshard_counts_bytes_and_meta(small_pool, subset, tmp_path):
     path, multiplicity, present = subset
     out = tmp_path / "out"
     meta = main(["--pool", str(small_pool), "--subset", str(path), "--out", str(out),
-                 "--shard-size", str(SHARD_SIZE), "--no-ray", "-j", "2"])
+                 "--shard-size", str(SHARD_SIZE), "--executor", "local", "-j", "2"])
 
     expected = {u: k for u, k in multiplicity.items() if u in present}
     listed = sum(multiplicity.values())
@@ -113,7 +115,7 @@ def test_ray_gives_the_same_files_and_the_trainer_reads_them(small_pool, subset,
     path, multiplicity, present = subset
     local, ray_out = tmp_path / "local", tmp_path / "ray"
     base = ["--pool", str(small_pool), "--subset", str(path), "--shard-size", str(SHARD_SIZE), "-j", "2"]
-    main(base + ["--out", str(local), "--no-ray"])
+    main(base + ["--out", str(local), "--executor", "local"])
     meta = main(base + ["--out", str(ray_out)])
     assert meta["tasks"] == 2
     assert _digest(local) == _digest(ray_out)
@@ -155,7 +157,7 @@ def test_rerun_resumes_and_finished_output_is_left_alone(small_pool, subset, tmp
     out, ref = tmp_path / "out", tmp_path / "ref"
     shards, _ = discover_shards(Pool(small_pool).shards_dir)
     cfg = ReshardConfig(input_dir=Pool(small_pool).shards_dir, subset_file=path, output_dir=out,
-                        shard_size=SHARD_SIZE, num_workers=3, use_ray=False)
+                        shard_size=SHARD_SIZE, execution=Execution("local", num_workers=3))
     reshard(ReshardConfig(**{**cfg.__dict__, "output_dir": ref}))
 
     calls, kill = [], {2}
@@ -168,6 +170,7 @@ def test_rerun_resumes_and_finished_output_is_left_alone(small_pool, subset, tmp
         return real_task(task, *args)
 
     monkeypatch.setattr(reshard_mod, "reshard_task", counted_task)
+    monkeypatch.setattr(execution_mod, "PROCESS_START_S", 1e9)  # every task in this process: counted
     with pytest.raises(RuntimeError, match="killed"):
         reshard(cfg)
     assert calls == [0, 1, 2]
@@ -196,13 +199,13 @@ def test_refuses_foreign_output_and_unsorted_subset(small_pool, subset, tmp_path
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
-        main(["--pool", str(small_pool), "--subset", str(path), "--out", str(busy), "--no-ray"])
+        main(["--pool", str(small_pool), "--subset", str(path), "--out", str(busy), "--executor", "local"])
     assert (busy / "notes.txt").read_text() == "mine"
 
     unsorted = tmp_path / "unsorted.npy"
     np.save(unsorted, uids_to_records(["f" * 32, "0" * 32]))
     with pytest.raises(ValueError, match="not sorted"):
-        main(["--pool", str(small_pool), "--subset", str(unsorted), "--out", str(tmp_path / "o"), "--no-ray"])
+        main(["--pool", str(small_pool), "--subset", str(unsorted), "--out", str(tmp_path / "o"), "--executor", "local"])
 
 
 def test_raw_memmap_subset_and_missing_stats(small_pool, tmp_path):
@@ -218,7 +221,7 @@ def test_raw_memmap_subset_and_missing_stats(small_pool, tmp_path):
     raw = tmp_path / "subset.bin"
     np.sort(uids_to_records(uids)).tofile(raw)
     assert np.fromfile(raw, dtype=UID_DTYPE).shape == (30,)
-    meta = main(["-i", str(shards_dir), "-s", str(raw), "-o", str(tmp_path / "out"), "--no-ray"])
+    meta = main(["-i", str(shards_dir), "-s", str(raw), "-o", str(tmp_path / "out"), "--executor", "local"])
     assert meta["input_shards_skipped"] == ["00000002.tar"]
     shard_of = dict(zip(truth["uid"], truth["shard"]))
     assert meta["output_count"] == sum(1 for u in uids if shard_of[u] != 2)
@@ -276,7 +279,7 @@ def test_malformed_subset_files_get_one_line_errors(small_pool, subset, tmp_path
         bad = tmp_path / name
         make(bad)
         _one_line_error(_run_cli("--pool", small_pool, "--subset", bad, "--out", tmp_path / f"out_{name}",
-                                 "--no-ray"), str(bad), wants[name])
+                                 "--executor", "local"), str(bad), wants[name])
 
 
 @pytest.mark.parametrize("use_ray", [False, True])
@@ -293,7 +296,7 @@ def test_an_unreadable_shard_is_named(small_pool, subset, tmp_path, use_ray):
         bad = shards_dir / "00000001.tar"
         write(bad, bad.read_bytes())
         proc = _run_cli("-i", shards_dir, "-s", path, "-o", tmp_path / f"out_{damage}_{use_ray}",
-                        "-j", "2", *([] if use_ray else ["--no-ray"]))
+                        "-j", "2", "--executor", "ray" if use_ray else "local")
         _one_line_error(proc, str(bad), "truncated?" if damage == "truncated" else "not a readable tar")
 
 
@@ -322,7 +325,7 @@ def test_on_bad_shard_skip_leaves_the_shard_out_whole(small_pool, subset, tmp_pa
     raw = bad.read_bytes()
     bad.write_bytes(raw[:len(raw) // 3 + 100] if damage == "truncated" else np.random.default_rng(0).bytes(4096))
     without = _copy_shards(small_pool, tmp_path / "without", skip=("00000001",))
-    args = ["-s", str(path), "--shard-size", str(SHARD_SIZE), "-j", "3", "--no-ray"]
+    args = ["-s", str(path), "--shard-size", str(SHARD_SIZE), "-j", "3", "--executor", "local"]
     meta = main(["-i", str(shards_dir), "-o", str(tmp_path / "out"), "--on-bad-shard", "skip", *args])
     ref = main(["-i", str(without), "-o", str(tmp_path / "ref"), *args])
     assert _digest(tmp_path / "out") == _digest(tmp_path / "ref")
@@ -343,14 +346,14 @@ def test_a_uid_in_two_shards_is_an_error_naming_both_or_kept_once(small_pool, su
     path, multiplicity, present = subset
     shards_dir = _copy_shards(small_pool, tmp_path / "shards")
     _add_copy_of_shard(shards_dir, 0, 3)  # shard 0 copied under a new id: every uid of it twice
-    proc = _run_cli("-i", shards_dir, "-s", path, "-o", tmp_path / "err", "-j", "2", "--no-ray")
+    proc = _run_cli("-i", shards_dir, "-s", path, "-o", tmp_path / "err", "-j", "2", "--executor", "local")
     _one_line_error(proc, f"{shards_dir}/00000000.tar (sample ", f"{shards_dir}/00000003.tar (sample ",
                     "--on-duplicate-uid keep-first")
 
     args = ["-s", str(path), "--shard-size", str(SHARD_SIZE), "-j", "2"]
     meta = main(["-i", str(shards_dir), "-o", str(tmp_path / "out"), "--on-duplicate-uid", "keep-first",
-                 "--no-ray", *args])
-    ref = main(["-i", str(Pool(small_pool).shards_dir), "-o", str(tmp_path / "ref"), "--no-ray", *args])
+                 "--executor", "local", *args])
+    ref = main(["-i", str(Pool(small_pool).shards_dir), "-o", str(tmp_path / "ref"), "--executor", "local", *args])
     assert _digest(tmp_path / "out") == {k: v for k, v in _digest(tmp_path / "ref").items()}
     copied = sum(1 for files in _tar_samples(shards_dir / "00000000.tar").values()
                  if json.loads(files["json"])["uid"] in multiplicity)
@@ -378,7 +381,7 @@ def test_members_with_crafted_names_are_skipped_and_counted(small_pool, subset, 
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    args = ["-s", str(path), "--shard-size", str(SHARD_SIZE), "--no-ray"]
+    args = ["-s", str(path), "--shard-size", str(SHARD_SIZE), "--executor", "local"]
     meta = main(["-i", str(shards_dir), "-o", str(tmp_path / "deep" / "out"), *args])
     ref = main(["-i", str(Pool(small_pool).shards_dir), "-o", str(tmp_path / "ref"), *args])
     assert meta["members_skipped_bad_name"] == 3
@@ -397,7 +400,7 @@ def test_datacomp_debug_shows_the_traceback(small_pool, tmp_path):
     bad = tmp_path / "wrong_dtype.npy"
     np.save(bad, np.arange(10, dtype=np.int64))
     args = [sys.executable, "-m", "pipeline.reshard", "--pool", str(small_pool), "--subset", str(bad),
-            "--out", str(tmp_path / "out"), "--no-ray"]
+            "--out", str(tmp_path / "out"), "--executor", "local"]
     cwd = Path(__file__).resolve().parents[2]
     quiet = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     _one_line_error(quiet, str(bad), "dtype is int64")

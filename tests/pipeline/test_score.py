@@ -55,7 +55,7 @@ def _columns(root, arch):
 
 def test_scores_are_dot_products_of_the_models_embeddings(pool, checkpoints):
     root, bad_uid = pool
-    summary = main(["--pool", str(root), "--model", str(checkpoints["b32"]), "--no-ray",
+    summary = main(["--pool", str(root), "--model", str(checkpoints["b32"]), "--executor", "local",
                     "--batch-size", "64", "--cpus-per-actor", "1"])
     assert summary["arch"] == "b32"  # picked from the model's width
     table, img, txt = _columns(root, "b32")
@@ -102,7 +102,7 @@ def test_scores_are_dot_products_of_the_models_embeddings(pool, checkpoints):
 @pytest.mark.slow
 def test_ray_scoring_both_archs_then_a_filter_runs(pool, checkpoints):
     root, _ = pool
-    main(["--pool", str(root), "--model", str(checkpoints["b32"]), "--as", "b32", "--no-ray",
+    main(["--pool", str(root), "--model", str(checkpoints["b32"]), "--as", "b32", "--executor", "local",
           "--batch-size", "128", "--cpus-per-actor", "1"])
     before = {p.name: p.stat().st_mtime_ns for p in Pool(root).metadata_files()}
     summary = main(["--pool", str(root), "--model", str(checkpoints["l14"]), "--as", "l14",
@@ -149,7 +149,7 @@ def test_ray_scoring_both_archs_then_a_filter_runs(pool, checkpoints):
     # a rerun with the same model does nothing
     assert {p.name: p.stat().st_mtime_ns for p in Pool(root).metadata_files()} != before
     after = {p.name: p.stat().st_mtime_ns for p in Pool(root).metadata_files()}
-    again = main(["--pool", str(root), "--model", str(checkpoints["l14"]), "--no-ray"])
+    again = main(["--pool", str(root), "--model", str(checkpoints["l14"]), "--executor", "local"])
     assert again["signature"] == summary["signature"]
     assert {p.name: p.stat().st_mtime_ns for p in Pool(root).metadata_files()} == after
 
@@ -157,9 +157,9 @@ def test_ray_scoring_both_archs_then_a_filter_runs(pool, checkpoints):
 def test_width_must_match_the_columns(pool, checkpoints):
     root, _ = pool
     with pytest.raises(ValueError, match="--as l14 needs 768-d embeddings .* 512-d"):
-        main(["--pool", str(root), "--model", str(checkpoints["b32"]), "--as", "l14", "--no-ray"])
+        main(["--pool", str(root), "--model", str(checkpoints["b32"]), "--as", "l14", "--executor", "local"])
     with pytest.raises(ValueError, match="64-d embeddings; CommonPool's columns are b32"):
-        main(["--pool", str(root), "--model", "tiny", "--no-ray"])
+        main(["--pool", str(root), "--model", "tiny", "--executor", "local"])
     # nothing was written
     assert read_metadata(Pool(root).metadata_files()[0], ["clip_b32_similarity_score"]).column(0).null_count > 0
     assert not any(Pool.npz_for(p).exists() for p in Pool(root).metadata_files())
@@ -175,7 +175,7 @@ def test_an_unreadable_shard_is_named_in_one_line(pool, checkpoints, use_ray):
     bad.write_bytes(np.random.default_rng(0).bytes(3000))  # not a tar
     proc = subprocess.run([sys.executable, "-m", "pipeline.score", "--pool", str(root), "--model",
                            str(checkpoints["b32"]), "--num-actors", "1", "--cpus-per-actor", "1",
-                           *([] if use_ray else ["--no-ray"])],
+                           "--executor", "ray" if use_ray else "local"],
                           cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -191,7 +191,7 @@ def test_on_bad_shard_skip_scores_the_rest_and_lists_the_shard(pool, checkpoints
     bad = Pool(root).shard_files()[0]
     in_bad = {json.loads(f["json"])["uid"] for f in _tar_members(bad)}
     bad.write_bytes(np.random.default_rng(0).bytes(3000))  # not a tar
-    args = ["--model", str(checkpoints["b32"]), "--no-ray", "--batch-size", "64", "--cpus-per-actor", "1"]
+    args = ["--model", str(checkpoints["b32"]), "--executor", "local", "--batch-size", "64", "--cpus-per-actor", "1"]
     summary = main(["--pool", str(root), "--on-bad-shard", "skip", *args])
     main(["--pool", str(reference), *args])
     expected = json.loads(Pool(root).shard_files()[0].with_name("00000000_stats.json").read_text())["successes"]

@@ -87,8 +87,7 @@ def test_a_planted_wordnet_cache_is_never_executed(tmp_path):
 
 
 def test_no_code_path_unpickles_a_file():
-    """The issue's grep: no weights_only=False, and the only pickle.load reads a pipe from our
-    own parent process (the signals helpers' job), not a file."""
+    """The issue's grep: no weights_only=False, no pickle.load, no allow_pickle=True."""
     hits = []
     for folder in ("pipeline", "trainer", "pools", "filters"):
         for path in sorted((REPO / folder).rglob("*.py")):
@@ -96,6 +95,4 @@ def test_no_code_path_unpickles_a_file():
                 code = line.split("#", 1)[0]
                 if re.search(r"weights_only\s*=\s*False|pickle\.loads?\(|allow_pickle\s*=\s*True", code):
                     hits.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
-    assert hits == ["pipeline/execution.py:{}: spec, todo = pickle.load(sys.stdin.buffer)".format(
-        next(n for n, line in enumerate((REPO / "pipeline/execution.py").read_text().splitlines(), 1)
-             if "pickle.load(sys.stdin.buffer)" in line))]
+    assert hits == []

@@ -54,6 +54,6 @@ def test_reshard_into_a_folder_a_killed_run_left_temporaries_in(small_pool, tmp_
     stale.write_bytes(b"half a tar")
     subset = tmp_path / "s.npy"
     write_subset(subset, uids_to_records(["ab" * 16]))
-    meta = main(["--pool", str(small_pool), "--subset", str(subset), "--out", str(out), "--no-ray"])
+    meta = main(["--pool", str(small_pool), "--subset", str(subset), "--out", str(out), "--executor", "local"])
     assert meta["output_count"] == 0 and not stale.exists()
     assert np.load(out / "sample_ids.npy").shape == (1,)

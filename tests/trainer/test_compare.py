@@ -192,7 +192,7 @@ def test_real_tiny_runs(small_pool, tmp_path, capsys):
         data = tmp_path / "shards" / strategy
         if not data.exists():
             reshard_main(["--pool", str(small_pool), "--subset", str(subsets / f"{strategy}.npy"), "--out",
-                          str(data), "--no-ray"])
+                          str(data), "--executor", "local"])
         run = tmp_path / "runs" / f"{strategy}-seed{seed}"
         train_main(["--scale", "tiny", "--data", str(data), "--out", str(run), "--seed", str(seed),
                     "--allow-nonstandard", "--samples-seen", "128", "--global-batch-size", "64",

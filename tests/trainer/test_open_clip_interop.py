@@ -33,7 +33,7 @@ def resharded(train_pool, tmp_path_factory):
     write_subset(root / "subset.npy", np.sort(uids_to_records(uids)))
     out = root / "resharded"
     meta = reshard_main(["--pool", str(train_pool), "--subset", str(root / "subset.npy"), "--out", str(out),
-                         "--shard-size", "100", "--no-ray"])
+                         "--shard-size", "100", "--executor", "local"])
     assert meta["output_shard_count"] >= 3
     return out, meta["output_shard_count"], meta["output_count"]
 

@@ -131,7 +131,7 @@ def test_empty_or_missing_data_is_one_line(small_pool, tmp_path):
     write_subset(subset, uids_to_records(["ab" * 16]))  # a uid the pool does not have
     empty = tmp_path / "empty"
     assert reshard_main(["--pool", str(small_pool), "--subset", str(subset), "--out", str(empty),
-                         "--no-ray"])["output_count"] == 0
+                         "--executor", "local"])["output_count"] == 0
     (tmp_path / "bare").mkdir()
     for data, says in ((empty, "pipeline.reshard wrote none"), (tmp_path / "bare", "--data takes")):
         proc = subprocess.run([sys.executable, "-m", "trainer.train", "--scale", "tiny", "--data", str(data),
