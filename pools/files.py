@@ -25,7 +25,7 @@ _TEMPORARY = re.compile(r"^\..*?(?:\.tmp|\.runs|uid-keys)-(?P<pid>\d+)@(?P<host>
 
 
 def owner_tag() -> str:
-    """``<pid>@<host>``: who writes a temporary file or a claims folder."""
+    """``<pid>@<host>``: who writes a temporary file or a spill folder."""
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
