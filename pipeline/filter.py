@@ -295,7 +295,8 @@ def run_global_steps(cfg: FilterConfig, files: Sequence[Path], groups: Sequence[
         step = GLOBAL_STEPS[name]
         settings = step.settings(cfg)
         t = time.perf_counter()
-        folders[name] = str(run_global_step(name, files, settings, cfg.signals, log=lambda m: _log(cfg, m)))
+        folders[name] = str(run_global_step(name, files, settings, cfg.signals, cfg.execution,
+                                            log=lambda m: _log(cfg, m)))
         record = StepResult(folders[name]).record
         counts[name] = {k: v for k, v in record.items() if k not in ("inputs", "step")}
         _log(cfg, f"{name}: {record.get('rows', 0):,} rows, {record.get('rows_without_embedding', 0):,} without "

@@ -27,6 +27,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.execution import Execution
 from pools.files import file_fingerprint, owner_is_dead, owner_tag
 from pools.format import Pool
 
@@ -39,14 +40,15 @@ class GlobalStepError(ValueError):
 
 @dataclass(frozen=True)
 class GlobalStep:
-    """One global step: `run(files, settings, folder, skip_bad)` writes the per-file columns into
-    `folder` and returns the counts for ``result.json``; `settings(cfg)` picks its settings
+    """One global step: `run(files, settings, folder, execution)` writes the per-file columns into
+    `folder` (fanning out through `pipeline.execution` where it can) and returns the counts for
+    ``result.json``; `settings(cfg)` picks its settings
     (a frozen dataclass) from the run's configuration."""
 
     model: str  # the name in pipeline.models.MODELS the step's signal group reads
     meaning: str
     settings: Callable[[object], object]
-    run: Callable[[Sequence[Path], object, Path], dict]
+    run: Callable[[Sequence[Path], object, Path, Execution], dict]
 
 
 GLOBAL_STEPS: dict[str, GlobalStep] = {}
@@ -78,7 +80,7 @@ def pool_rows(files: Sequence[Path]) -> list[int]:
     return [pq.ParquetFile(p).metadata.num_rows for p in files]
 
 
-def run_global_step(name: str, files: Sequence[Path], settings, signals_dir: Path,
+def run_global_step(name: str, files: Sequence[Path], settings, signals_dir: Path, execution: Execution,
                     log: Callable[[str], None] = lambda m: None) -> Path:
     """The result folder of step `name` over `files` with `settings`: reused when stored, else
     computed into a temporary folder and renamed."""
@@ -98,7 +100,7 @@ def run_global_step(name: str, files: Sequence[Path], settings, signals_dir: Pat
     tmp = root / f".{key}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        counts = step.run(files, settings, tmp)
+        counts = step.run(files, settings, tmp, execution)
         record = {"step": name, "key": key, "settings": asdict(settings), "inputs": fingerprints, **counts}
         (tmp / RESULT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         try:

@@ -19,6 +19,7 @@ import numpy as np
 
 from filters.image_based import missing_embedding_mask
 from filters.negclip import MIN_TAU, OPENAI_CLIP_TAU, PAPER_BATCH_SIZE, PAPER_BATCHES, negclip_loss, random_batches
+from pipeline.execution import Execution
 from pipeline.global_steps import GlobalStep, GlobalStepError, pool_rows, register_global_step, write_file_columns
 from pools.format import ARCHS, load_npz
 
@@ -41,7 +42,9 @@ class NegClipSettings:
                                   f"at 0.01), got {self.tau}")
 
 
-def run_negclip(files: Sequence[Path], s: NegClipSettings, folder: Path) -> dict:
+def run_negclip(files: Sequence[Path], s: NegClipSettings, folder: Path, execution: Execution) -> dict:
+    # (`execution` unused: every batch draws rows from the whole pool, so the batches run here,
+    # on torch's threads, rather than as units of a stage)
     files = list(files)
     rows = pool_rows(files)
     keys = (f"{s.arch}_img", f"{s.arch}_txt")

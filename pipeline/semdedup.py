@@ -9,12 +9,14 @@
    default cluster count is sqrt(rows with an embedding): assigning the rows costs N*K*d and
    the within-cluster similarities N*(N/K)*d, and K = sqrt(N) makes the two equal (1,414
    clusters of ~1,400 rows for 2M rows; the paper used 50,000 clusters of ~8,800 for LAION-440M).
-2. **Partitions.** One pass over the files assigns every row to its nearest centroid (exact
+2. **Partitions.** One pass over the files (a stage of `pipeline.execution`: this machine's
+   processes or Ray tasks, one file each) assigns every row to its nearest centroid (exact
    inner-product search, `faiss.IndexFlatIP`) and appends the row's embedding, position,
    cluster, similarity to the centroid and CLIP score to one of P partition files (cluster
    modulo P), P chosen so that a partition's embeddings take at most `partition_bytes`: the
    whole pool is never in memory at once.
-3. **Clusters' similarities.** Each partition is read alone; each of its clusters is ordered by
+3. **Clusters' similarities.** Each partition is read alone (a stage again: one partition
+   per unit, so the shuffle runs on the cluster's workers); each of its clusters is ordered by
    the keep rule (`filters.semdedup.KEEP_RULES`) and its similarities computed in blocks
    (`filters.semdedup.cluster_similarities`).
 
@@ -35,6 +37,7 @@ import numpy as np
 from filters.image_based import missing_embedding_mask
 from filters.rows import nan_for_null
 from filters.semdedup import KEEP_RULES, NO_OTHER_ROW, cluster_similarities, keep_order, normalised
+from pipeline.execution import Execution, Stage, run_stage
 from pipeline.global_steps import GlobalStep, GlobalStepError, pool_rows, register_global_step, write_file_columns
 from pools.format import SCORE_COLUMNS, load_npz, read_metadata
 
@@ -104,47 +107,56 @@ def _train_centroids(files: Sequence[Path], rows: Sequence[int], s: SemDeDupSett
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32), valid_rows
 
 
-def _partition(files: Sequence[Path], rows: Sequence[int], s: SemDeDupSettings, centroids: np.ndarray,
-               parts: Path, partitions: int) -> None:
-    """Every row with an embedding into partition file ``<parts>/<p>/<file index>.npz``."""
-    import faiss
+class _Assigner:
+    """Stage ``semdedup_assign`` (step 2): a unit is one metadata file, (index, path, rows, first
+    row's position in the pool); its rows with an embedding go to the partition files
+    ``<parts>/<p>/<file index>.npz``."""
 
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    offset = 0
-    for i, (parquet, n) in enumerate(zip(files, rows)):
-        emb, valid = _embeddings(parquet, s.embedding, n)
+    def __init__(self, s: SemDeDupSettings, centroids: str, parts: str, partitions: int):
+        import faiss
+
+        self.s, self.parts, self.partitions = s, Path(parts), partitions
+        centroids_ = np.load(centroids, allow_pickle=False)
+        self.index = faiss.IndexFlatIP(centroids_.shape[1])
+        self.index.add(centroids_)
+
+    def __call__(self, unit: tuple[int, str, int, int]) -> dict:
+        i, parquet, n, offset = unit
+        s = self.s
+        emb, valid = _embeddings(Path(parquet), s.embedding, n)
         where = np.flatnonzero(valid)
-        similarity, nearest = index.search(normalised(emb[where]), 1)
+        similarity, nearest = self.index.search(normalised(emb[where]), 1)
         cluster = nearest[:, 0].astype(np.int32)
         clip = None
         if s.keep == "clip":
             clip = nan_for_null(read_metadata(parquet, [SCORE_COLUMNS[s.arch]]).column(SCORE_COLUMNS[s.arch]))[where]
-        for p in range(partitions):
-            mine = np.flatnonzero(cluster % partitions == p)
+        for p in range(self.partitions):
+            mine = np.flatnonzero(cluster % self.partitions == p)
             if not len(mine):
                 continue
-            folder = parts / str(p)
+            folder = self.parts / str(p)
             folder.mkdir(parents=True, exist_ok=True)
             columns = {"embedding": emb[where[mine]], "position": (offset + where[mine]).astype(np.int64),
                        "cluster": cluster[mine], "centroid_similarity": similarity[mine, 0]}
             if clip is not None:
                 columns["clip"] = clip[mine]
             np.savez(folder / f"{i}.npz", **columns)
-        offset += n
+        return {"rows": n}
 
 
-def _deduplicate(parts: Path, partitions: int, total: int, s: SemDeDupSettings
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Per pool row: cluster (-1: none), largest and preferred similarity; the largest cluster."""
-    cluster_of = np.full(total, -1, dtype=np.int32)
-    largest = np.full(total, NO_OTHER_ROW, dtype=np.float32)
-    preferred = np.full(total, NO_OTHER_ROW, dtype=np.float32)
-    biggest = 0
-    for p in range(partitions):
-        chunks = sorted((parts / str(p)).glob("*.npz"), key=lambda f: int(f.stem))
+class _ClusterDeduper:
+    """Stage ``semdedup_clusters`` (step 3): a unit is one partition; each of its clusters is
+    ordered by the keep rule and its similarities computed; per row (position in the pool):
+    cluster, largest and preferred similarity, saved as ``<parts>/<p>.result.npz``."""
+
+    def __init__(self, s: SemDeDupSettings, parts: str):
+        self.s, self.parts = s, Path(parts)
+
+    def __call__(self, p: int) -> dict:
+        s = self.s
+        chunks = sorted((self.parts / str(p)).glob("*.npz"), key=lambda f: int(f.stem))
         if not chunks:
-            continue
+            return {"largest_cluster": 0}
         loaded = []
         for chunk in chunks:
             with np.load(chunk, allow_pickle=False) as npz:
@@ -153,21 +165,51 @@ def _deduplicate(parts: Path, partitions: int, total: int, s: SemDeDupSettings
         del loaded
         by_cluster = np.argsort(part["cluster"], kind="stable")
         bounds = np.flatnonzero(np.diff(part["cluster"][by_cluster])) + 1
+        out = {k: [] for k in ("position", "cluster", "largest", "preferred")}
+        biggest = 0
         for members in np.split(by_cluster, bounds):
-            position = part["position"][members]
             order = keep_order(s.keep, centroid_similarity=part["centroid_similarity"][members],
                                clip_score=part["clip"][members] if "clip" in part else None,
-                               position=position, seed=s.seed)
+                               position=part["position"][members], seed=s.seed)
             rows = members[order]
             big, pref = cluster_similarities(part["embedding"][rows], block_rows=s.block_rows)
-            at = part["position"][rows]
-            cluster_of[at] = part["cluster"][rows]
-            largest[at], preferred[at] = big, pref
+            for k, v in (("position", part["position"][rows]), ("cluster", part["cluster"][rows]),
+                         ("largest", big), ("preferred", pref)):
+                out[k].append(v)
             biggest = max(biggest, len(rows))
+        np.savez(self.parts / f"{p}.result.npz", **{k: np.concatenate(v) for k, v in out.items()})
+        return {"largest_cluster": biggest}
+
+
+def _deduplicate(files: Sequence[Path], rows: Sequence[int], s: SemDeDupSettings, centroids: np.ndarray,
+                 parts: Path, partitions: int, execution: Execution
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Steps 2 and 3, each a stage of the execution layer (the shuffle: files -> partitions ->
+    clusters); per pool row: cluster (-1: none), largest and preferred similarity; the largest
+    cluster."""
+    parts.mkdir(parents=True, exist_ok=True)
+    np.save(parts / "centroids.npy", centroids)
+    offsets = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int).tolist()
+    units = [(i, str(f), n, o) for i, (f, n, o) in enumerate(zip(files, rows, offsets))]
+    for _ in run_stage(Stage("semdedup_assign", _Assigner, (s, str(parts / "centroids.npy"), str(parts), partitions)),
+                       units, execution):
+        pass
+    total = sum(rows)
+    cluster_of = np.full(total, -1, dtype=np.int32)
+    largest = np.full(total, NO_OTHER_ROW, dtype=np.float32)
+    preferred = np.full(total, NO_OTHER_ROW, dtype=np.float32)
+    biggest = 0
+    for p, result in run_stage(Stage("semdedup_clusters", _ClusterDeduper, (s, str(parts))), range(partitions),
+                               execution):
+        biggest = max(biggest, result["largest_cluster"])
+        if result["largest_cluster"]:
+            with np.load(parts / f"{p}.result.npz", allow_pickle=False) as r:
+                at = r["position"]
+                cluster_of[at], largest[at], preferred[at] = r["cluster"], r["largest"], r["preferred"]
     return cluster_of, largest, preferred, biggest
 
 
-def run_semdedup(files: Sequence[Path], s: SemDeDupSettings, folder: Path) -> dict:
+def run_semdedup(files: Sequence[Path], s: SemDeDupSettings, folder: Path, execution: Execution) -> dict:
     """Write the semdedup columns of every file into `folder`; the counts for result.json."""
     files = list(files)
     rows = pool_rows(files)
@@ -176,8 +218,7 @@ def run_semdedup(files: Sequence[Path], s: SemDeDupSettings, folder: Path) -> di
     width = centroids.shape[1]
     partitions = max(1, math.ceil(valid_rows * width * 2 / s.partition_bytes))
     parts = folder / "partitions"
-    _partition(files, rows, s, centroids, parts, partitions)
-    cluster_of, largest, preferred, biggest = _deduplicate(parts, partitions, total, s)
+    cluster_of, largest, preferred, biggest = _deduplicate(files, rows, s, centroids, parts, partitions, execution)
     shutil.rmtree(parts)
     np.save(folder / "centroids.npy", centroids)
     offset = 0
