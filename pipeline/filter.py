@@ -443,6 +443,9 @@ class TableSource:
         for path, table in self._tables():
             if table is None:
                 continue
+            if caching and not self._bytes and table.nbytes * len(self.files) > self._budget:
+                caching, self._cache = False, None  # (files are alike: the pool will not fit; filling
+                # the cache only to drop it would raise the run's peak memory for nothing)
             if caching:
                 self._bytes += table.nbytes
                 if self._bytes > self._budget:

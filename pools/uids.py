@@ -236,7 +236,7 @@ def check_sorted(subset: np.ndarray, path: Path, chunk: int = 1 << 22) -> None:
 
 
 # --- bounded memory: subsets and uid keys past what fits -------------------------------------
-SPILL_BYTES = 64 << 20  # records kept in memory before they go to a sorted run on disk
+SPILL_BYTES = 32 << 20  # records kept in memory before they go to a sorted run on disk
 
 
 class SubsetWriter:
@@ -290,17 +290,36 @@ class SubsetWriter:
                 return write_subset(self.path, self._parts)
             if self._parts:
                 self._spill()
-            runs = [np.memmap(p, dtype=UID_DTYPE, mode="r") for p in self._runs]
+            runs = [_RunFile(p) for p in self._runs]
             with atomic_path(self.path) as tmp:
                 with open(tmp, "wb") as f:
                     header = {"descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False,
                               "shape": (self.count,)}
                     np.lib.format.write_array_header_1_0(f, header)  # what np.save writes for this dtype
-                    for block in merge_sorted_runs(runs, max(1 << 10, self._budget // len(runs))):
-                        f.write(block.tobytes())
+                    # (each round holds the runs' windows, what it takes of them and their sorted
+                    # union: about twice the windows, so they share half the budget)
+                    for block in merge_sorted_runs(runs, max(1 << 10, self._budget // (2 * len(runs)))):
+                        block.tofile(f)
             return self.count
         finally:
             self.discard()
+
+
+class _RunFile:
+    """A sorted run on disk, read window by window with plain reads: a memory map would keep
+    every page it read resident (and counted in the process's memory) until the merge ends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.length = path.stat().st_size // UID_DTYPE.itemsize
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        start, stop, _ = window.indices(self.length)
+        return np.fromfile(self.path, dtype=UID_DTYPE, count=max(0, stop - start),
+                           offset=start * UID_DTYPE.itemsize)
 
 
 def merge_sorted_runs(runs: Sequence[np.ndarray], window: int) -> Iterable[np.ndarray]:
