@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import time
 import traceback
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -176,8 +177,7 @@ class StageRun:
             yield from self._in_process(worker, rest)
         else:
             self.decision = Decision("processes", spread, f"estimated {serial_s:.1f} s of work")
-            del worker  # (its models: the processes load their own)
-            yield from self._processes(rest, spread)
+            yield from self._processes(rest, spread, worker)
 
     # --- the three executors --------------------------------------------------------------------
     def _build(self):
@@ -187,14 +187,29 @@ class StageRun:
         for i in indices:
             yield i, self._result(_call(worker, self.units[i]), "in-process")
 
-    def _processes(self, indices, workers: int) -> Iterator[tuple[int, dict]]:
+    def _processes(self, indices, workers: int, worker=None) -> Iterator[tuple[int, dict]]:
+        """A spawn process pool over `indices`. Until the pool's first result (its processes
+        start, import and load their models: a second or more), this process goes on with
+        units of its own `worker`, from the other end of the list; nothing is done twice,
+        since this process alone hands units out."""
         # spawn, not fork: the parent may hold threads (Polars', tqdm's, Ray's) whose locks a
         # forked child would inherit held.
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process, initargs=(self.stage,))
+        left = deque(indices)
+        pending: dict = {}
         try:
-            pending = {pool.submit(_process_unit, self.units[i]): i for i in indices}
-            while pending:
+            while left or pending:
+                while left and len(pending) < 2 * workers:  # a few queued per process, not all:
+                    i = left.popleft()  # the rest stay ours to take while the pool starts
+                    pending[pool.submit(_process_unit, self.units[i])] = i
+                if worker is not None and left:
+                    done, _ = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
+                    if not done:
+                        i = left.pop()
+                        yield i, self._result(_call(worker, self.units[i]), "in-process")
+                        continue
+                    worker = None  # the pool is up: leave the CPUs to it
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield pending.pop(future), self._result(future.result(), "processes")

@@ -61,13 +61,16 @@ def test_auto_keeps_little_work_in_this_process():
 
 def test_auto_spreads_more_work_over_processes(monkeypatch):
     monkeypatch.setattr(execution, "PROCESS_START_S", 0.05)
-    decision, results = _run(Stage("toy", Squarer, (0.1,)), range(9), Execution("auto", num_workers=2))
+    decision, results = _run(Stage("toy", Squarer, (0.1,)), range(60), Execution("auto", num_workers=2))
     assert decision.executor == "processes" and decision.workers == 2
-    assert [results[i]["square"] for i in range(9)] == [i * i for i in range(9)]
+    assert [results[i]["square"] for i in range(60)] == [i * i for i in range(60)]
     assert results[0]["pid"] == results[1]["pid"] == os.getpid()  # timed here
-    others = {results[i]["pid"] for i in range(2, 9)}
-    assert len(others) == 2 and os.getpid() not in others
-    assert all(results[i]["warmed"] for i in range(9))  # each process warms its worker up once
+    by_pool = {results[i]["pid"] for i in range(60) if results[i]["by"] == "processes"}
+    here = [i for i in range(2, 60) if results[i]["by"] == "in-process"]
+    assert len(by_pool) == 2 and os.getpid() not in by_pool
+    # while the pool started, this process took units from the end of the list
+    assert here == list(range(60 - len(here), 60)) and {results[i]["pid"] for i in here} <= {os.getpid()}
+    assert all(results[i]["warmed"] for i in range(60))  # each process warms its worker up once
 
 
 def test_auto_sends_large_work_to_ray(monkeypatch):
