@@ -170,6 +170,7 @@ class StageRun:
         if ex.executor == "auto" and parallel_s > RAY_WORTH_S:
             self.decision = Decision("ray", spread, f"estimated {serial_s:.0f} s of work: over {RAY_WORTH_S:.0f} s "
                                                     f"on {spread} local workers")
+            worker = None  # (its models: Ray's workers load their own)
             yield from self._ray(rest)
         elif spread == 1 or serial_s <= parallel_s:
             self.decision = Decision("in-process", 1, f"estimated {serial_s:.1f} s of work: less than starting "
