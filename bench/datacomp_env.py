@@ -60,6 +60,14 @@ class DataCompEnv:
     def environ(self) -> dict[str, str]:
         return {**os.environ, **self.env}
 
+    def describe(self) -> dict[str, str]:
+        """What ran as DataComp: the checkout's commit, the interpreter, NLTK's version, the model."""
+        commit = subprocess.run(["git", "-C", str(self.checkout), "rev-parse", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        return {"checkout": str(self.checkout), "commit": commit or "unknown", "python": self.python,
+                "nltk": _installed_nltk(self.python, self.checkout / DEPS) or "unknown",
+                "lid_model": self.env["DATACOMP_BENCH_LID_MODEL"]}
+
 
 def _run(cmd: list[str], what: str, **kwargs) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
@@ -103,7 +111,6 @@ def prepare(checkout: Path, source: str = DATACOMP_GIT, python: str = sys.execut
         "DATACOMP_BENCH_ENTITY_IDS": str(imagenet21k_synsets_path()),
         "NLTK_DATA": str(nltk_data),
         "PYTHONPATH": os.pathsep.join([str(deps), str(checkout)]),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # DataComp's CPU baselines use no torch math
     }
     return DataCompEnv(checkout=checkout, python=python, env=env)
 

@@ -29,7 +29,9 @@ with DataComp's five runs together as measured above, and ``all``.
 
 Prints one JSON line per command: seconds, rows/s, peak memory (the sum of the resident set
 of the command's process tree: driver, Ray's processes and workers, sampled every 20 ms),
-kept rows, the floor and DataComp's figures; at the end a summary table on stderr.
+kept rows, the floor and DataComp's figures; at the end a summary table on stderr. With
+``--datacomp``, a first line ``{"datacomp_env": ...}`` says what ran as DataComp (the
+checkout's commit, the interpreter, NLTK's version, the fastText model).
 ``--reference`` also times this repository's row-by-row re-statement of DataComp's rules
 (tests/datacomp_reference.py, 2 processes) on the same pool.
 
@@ -437,6 +439,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except (DataCompEnvError, OSError) as exc:
             print(f"error: DataComp checkout {args.datacomp}: {exc}", file=sys.stderr)
             sys.exit(2)
+        print(json.dumps({"datacomp_env": datacomp_env.describe()}), flush=True)
     pool = args.pool or make_pool(args.work_dir, args.rows, args.rows_per_file, args.seed, args.npz,
                                   args.unique_captions)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (pool / "metadata").glob("*.parquet"))
