@@ -1,22 +1,44 @@
-"""Benchmark `pipeline.filter`: whole-command wall time, rows/s and peak memory per strategy.
+"""Benchmark `pipeline.filter` side by side with DataComp's own `baselines.py` and each strategy's floor.
 
     python bench/filter.py [--rows 2000000] [--workers 2] [--repeat 3] [--npz] [--unique-captions]
                            [--pool P] [--reference] [--executor auto|ray|local]
+                           [--datacomp DIR [--datacomp-source GIT] [--datacomp-python PY]]
     python bench/filter.py --memory-scaling 2000000 8000000 32000000
 
 Generates (once, cached under --work-dir) a metadata-only synthetic pool of --rows rows with
 random CLIP scores (and, with --npz, random ``l14_img`` embeddings, centroids and targets for
-the image strategies), then times each strategy as a separate ``python -m pipeline.filter``
-process from a cold start: Ray, model loading and the signals pass included, nothing reused
-(a fresh signals folder per command). Then ``five``: the five DataComp baselines of the
-reference figures in one command (one shared signals pass), and ``all``.
+the image strategies). Its captions are never null: CommonPool's are not, and DataComp's
+baselines crash on one. Then, per strategy, in the same run and one after the other:
+
+- ours: ``python -m pipeline.filter`` as a separate process from a cold start: Ray, model
+  loading and the signals pass included, nothing reused (a fresh signals folder per command);
+- its floor: `bench/filter_floor.py` (the parquet read of exactly the columns the strategy
+  needs, plus fastText / CLD3 / the WordNet lookup on the rows that need a label, timed inside
+  --workers processes; its doc says what is in and out). ``floor.seconds`` is that time,
+  ``floor.process_s`` the floor command's whole wall time; ``x_floor`` is ours / floor and
+  ``over_floor_s`` ours - floor;
+- with ``--datacomp DIR``: DataComp's ``baselines.py --name <its name> --num_workers
+  <--workers>`` as a whole process (`bench/datacomp_env.py` clones and equips the checkout:
+  NLTK 3.8.1 apart from our environment, WordNet and fastText's model offline, the same model
+  files our filter reads; `bench/datacomp_baselines.py` runs it), with ``speedup_vs_datacomp``
+  (DataComp's seconds / ours) and ``uid_exact`` (the .npy it writes equals ours). The image
+  baselines are not run: DataComp's need a GPU and its downloaded centroids.
+
+Then ``five``: the five DataComp baselines in one command (one shared signals pass), compared
+with DataComp's five runs together as measured above, and ``all``.
 
 Prints one JSON line per command: seconds, rows/s, peak memory (the sum of the resident set
 of the command's process tree: driver, Ray's processes and workers, sampled every 20 ms),
-kept rows, and, for the five reference strategies, DataComp's own ``baselines.py`` time on a
-2M-row metadata-only pool with 2 workers as measured for this project (the issue's figures)
-with the speed-up over it. ``--reference`` also times this repository's row-by-row
-re-statement of DataComp's rules (tests/datacomp_reference.py, 2 processes) on the same pool.
+kept rows, the floor and DataComp's figures; at the end a summary table on stderr. With
+``--datacomp``, a first line ``{"datacomp_env": ...}`` says what ran as DataComp (the
+checkout's commit, the interpreter, NLTK's version, the fastText model).
+``--reference`` also times this repository's row-by-row re-statement of DataComp's rules
+(tests/datacomp_reference.py, 2 processes) on the same pool.
+
+Earlier figures, NOT measured by this script (for orientation only): the issue that asked for
+this comparison (issue 14) quotes, on 2 cores, 2M rows, 2 workers, DataComp vs ours at the
+time: no_filter 20.1 s vs 1.6 s, clip 16.1 s vs 1.1 s, basic 36.2 s vs 15.6 s, laion 51.8 s
+vs 17.5 s, text 599 s vs 18.1 s.
 
 The synthetic pool's captions come from templates, so most repeat; the filter runs each model
 once per distinct caption, which pays off there. ``--unique-captions`` appends the row number
@@ -45,7 +67,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # the project, and bench/datacomp_env.py
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -53,9 +75,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.execution import EXECUTORS  # noqa: E402
 
-# DataComp's baselines.py on a 2M-row metadata-only pool, 2 workers, whole command (the issue).
-DATACOMP_2M_SECONDS = {"no_filter": 1.1, "basic": 7.4, "text": 231.0, "clip": 0.8, "laion": 17.5}
 FIVE = ("no_filter", "basic", "text", "clip", "laion")
+DATACOMP_GPU_ONLY = ("image_based", "image_based_intersect_clip_score")  # baselines.py refuses them without CUDA
 
 
 # --- the pool -----------------------------------------------------------------------------------
@@ -65,13 +86,13 @@ def make_pool(root: Path, rows: int, rows_per_file: int, seed: int, npz: bool, u
     `unique`: append the row number to every caption, so that no caption repeats and nothing
     is saved by running the models once per distinct caption (the worst case for the filter).
     """
-    from pools.synth import SynthConfig, generate
+    from pools.synth import CaptionMix, SynthConfig, generate
 
-    pool = root / f"pool_{rows}_{rows_per_file}_{seed}{'_unique' if unique else ''}"
+    pool = root / f"pool_{rows}_{rows_per_file}_{seed}_nonull{'_unique' if unique else ''}"
     done = pool / "bench_scores.json"
     if not done.is_file():
-        generate(pool, SynthConfig(samples=rows, seed=seed, rows_per_file=rows_per_file, images=False),
-                 overwrite=True)
+        generate(pool, SynthConfig(samples=rows, seed=seed, rows_per_file=rows_per_file, images=False,
+                                   captions=CaptionMix(null_fraction_of_junk=0.0)), overwrite=True)
         for i, path in enumerate(sorted((pool / "metadata").glob("*.parquet"))):
             table = pq.read_table(path)
             rng = np.random.default_rng([seed, 99, i])
@@ -158,6 +179,7 @@ def memory_scaling(sizes: list[int], work_dir: Path, workers: int, executor: str
         for strategy in ("no_filter", "clip", "basic"):
             out = work_dir / "runs" / f"memory_{strategy}"
             m = run_measured(filter_command(pool, [strategy], out, workers, executor, []))
+            m.pop("stdout")
             first.setdefault(strategy, m["peak_rss_mb"])
             line = {"mode": "memory_scaling", "strategy": strategy, "rows": rows, **m,
                     "kept": json.loads((out / "stats.json").read_text())["strategies"][strategy]["kept"],
@@ -189,9 +211,14 @@ def _tree_rss_bytes(root_pid: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str]) -> dict:
+class CommandFailed(RuntimeError):
+    """A measured command exited with an error; the message holds the end of its stderr."""
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> dict:
+    """Wall seconds and peak resident memory of `cmd`'s process tree; its stdout as ``stdout``."""
     peak = 0
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     stop = threading.Event()
 
@@ -209,8 +236,17 @@ def run_measured(cmd: list[str]) -> dict:
     stop.set()
     sampler.join()
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return {"seconds": round(seconds, 3), "peak_rss_mb": round(peak / 2**20, 1)}
+        raise CommandFailed(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {"seconds": round(seconds, 3), "peak_rss_mb": round(peak / 2**20, 1), "stdout": out}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median seconds (of an odd count; the upper middle of an even one)."""
+    m = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
+    m.pop("stdout", None)
+    if len(runs) > 1:
+        m["runs_s"] = [r["seconds"] for r in runs]
+    return m
 
 
 def filter_command(pool: Path, strategies: list[str], out: Path, workers: int, executor: str,
@@ -219,6 +255,98 @@ def filter_command(pool: Path, strategies: list[str], out: Path, workers: int, e
     return [sys.executable, "-m", "pipeline.filter", "--pool", str(pool), "--strategy", *strategies,
             "--out", str(out), "--signals-dir", str(out / "signals"), "--num-workers", str(workers),
             "--executor", executor, "--quiet", *extra]
+
+
+# --- the floor and DataComp's own baselines, measured in the same run ----------------------------
+def floor_command(pool: Path, strategies: list[str], workers: int, lid_model: str | None) -> list[str]:
+    return [sys.executable, str(ROOT / "bench" / "filter_floor.py"), "--pool", str(pool), "--strategy", *strategies,
+            "--workers", str(workers), *(["--lid-model", lid_model] if lid_model else [])]
+
+
+def measure_floor(pool: Path, strategies: list[str], workers: int, lid_model: str | None, repeat: int) -> dict:
+    """The floor of `strategies` (bench/filter_floor.py), the median of `repeat` runs by floor seconds."""
+    runs = []
+    for _ in range(repeat):
+        try:
+            m = run_measured(floor_command(pool, strategies, workers, lid_model))
+        except CommandFailed as exc:
+            return {"error": str(exc).strip().splitlines()[-1]}
+        floor = json.loads(m["stdout"])
+        runs.append({"seconds": floor["floor_s"], "process_s": m["seconds"], "peak_rss_mb": m["peak_rss_mb"],
+                     **{k: floor[k] for k in ("read_s", "label_s", "labeled_rows", "gate_s", "load_s",
+                                              "per_worker_s", "workers")}})
+    return median_run(runs)
+
+
+def datacomp_args(strategy: str) -> list[str] | None:
+    """`baselines.py` arguments for one of our built-in strategies (its spec's ``datacomp_name``
+    and selection), or None when DataComp has no CPU baseline for it."""
+    from pipeline.strategies import BUILTIN_SPECS, builtin_spec
+
+    if strategy not in BUILTIN_SPECS:
+        return None
+    spec = builtin_spec(strategy)
+    if not spec.datacomp_name or spec.datacomp_name in DATACOMP_GPU_ONLY:
+        return None
+    args = ["--name", spec.datacomp_name]
+    if spec.select is not None:  # clip_score: --arch and --fraction or --threshold, as our spec's defaults
+        args += ["--arch", str(dict(spec.params)["arch"])]
+        args += (["--fraction", str(spec.select.fraction)] if spec.select.fraction is not None
+                 else ["--threshold", str(spec.select.threshold)])
+    return args
+
+
+def uids_equal(ours: Path, theirs: Path) -> bool:
+    a, b = np.load(ours), np.load(theirs)
+    return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def measure_datacomp(env, pool: Path, strategy: str, workers: int, out_dir: Path, ours: Path, repeat: int) -> dict:
+    """DataComp's `baselines.py` for `strategy` as a whole process (median of `repeat` runs),
+    its kept count and whether its uids equal ours (`ours`: our .npy)."""
+    args = datacomp_args(strategy)
+    if args is None:
+        return {"error": f"DataComp has no CPU baseline for {strategy}"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save = out_dir / f"{strategy}.npy"
+    cmd = env.command([*args, "--metadata_dir", str(pool / "metadata"), "--save_path", str(save),
+                       "--num_workers", str(workers)])
+    runs = []
+    for _ in range(repeat):
+        save.unlink(missing_ok=True)
+        try:
+            runs.append(run_measured(cmd, env=env.environ(), cwd=env.checkout))
+        except CommandFailed as exc:
+            return {"name": args[1], "error": str(exc).strip().splitlines()[-1]}
+    m = median_run(runs)
+    return {"name": args[1], **m, "kept": int(len(np.load(save))), "uid_exact": uids_equal(ours, save)}
+
+
+def compare(line: dict, datacomp: dict | None, floor: dict) -> dict:
+    """`line` (ours) with the floor's and DataComp's figures and the ratios beside it."""
+    line["floor"] = floor
+    if "seconds" in floor and floor["seconds"] > 0:
+        line["x_floor"] = round(line["seconds"] / floor["seconds"], 2)
+        line["over_floor_s"] = round(line["seconds"] - floor["seconds"], 3)
+    if datacomp is not None:
+        line["datacomp"] = datacomp
+        if "seconds" in datacomp:
+            line["speedup_vs_datacomp"] = round(datacomp["seconds"] / line["seconds"], 2)
+    return line
+
+
+def summary(lines: list[dict]) -> str:
+    """A table of the ratios, for people (the JSON lines hold everything)."""
+    rows = [("command", "ours_s", "floor_s", "x_floor", "datacomp_s", "speedup", "uid_exact", "peak_mb", "dc_peak_mb")]
+    # (n/a: not measurable, the line's "error" says why; -: not asked for)
+    for line in lines:
+        dc = line.get("datacomp") or {}
+        rows.append((line["strategy"], line["seconds"], line.get("floor", {}).get("seconds", "n/a"),
+                     line.get("x_floor", "-"), dc.get("seconds", "n/a" if dc else "-"),
+                     line.get("speedup_vs_datacomp", "-"), dc.get("uid_exact", "-"), line["peak_rss_mb"],
+                     dc.get("peak_rss_mb", "-")))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in rows)
 
 
 # --- the re-statement of DataComp's baselines, for a same-machine comparison ------------------------
@@ -287,16 +415,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "report the median (default %(default)s)")
     parser.add_argument("--memory-scaling", type=int, nargs="+", metavar="ROWS",
                         help="measure peak memory on metadata-only pools of these sizes instead")
+    parser.add_argument("--lid-model", help="fastText model for ours, the floor and DataComp (default: the "
+                        "bundled lid.176.ftz)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor measurements")
+    parser.add_argument("--datacomp", type=Path, metavar="DIR", help="also run DataComp's baselines.py from this "
+                        "checkout (cloned from --datacomp-source into DIR when DIR holds none)")
+    parser.add_argument("--datacomp-source", default=None, help="git URL or path to clone DataComp from "
+                        "(default: bench/datacomp_env.py's, GitHub)")
+    parser.add_argument("--datacomp-python", default=sys.executable, help="interpreter that runs DataComp "
+                        "(default: this one, with NLTK 3.8.1 put in front)")
     args = parser.parse_args(argv)
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.memory_scaling:
         return memory_scaling(args.memory_scaling, args.work_dir, args.workers, args.executor)
+    datacomp_env = None
+    if args.datacomp is not None:
+        from datacomp_env import DATACOMP_GIT, DataCompEnvError, prepare
+
+        try:
+            datacomp_env = prepare(args.datacomp, args.datacomp_source or DATACOMP_GIT, args.datacomp_python,
+                                   args.lid_model)
+        except (DataCompEnvError, OSError) as exc:
+            print(f"error: DataComp checkout {args.datacomp}: {exc}", file=sys.stderr)
+            sys.exit(2)
+        print(json.dumps({"datacomp_env": datacomp_env.describe()}), flush=True)
     pool = args.pool or make_pool(args.work_dir, args.rows, args.rows_per_file, args.seed, args.npz,
                                   args.unique_captions)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (pool / "metadata").glob("*.parquet"))
     has_npz = all(p.with_suffix(".npz").is_file() for p in (pool / "metadata").glob("*.parquet"))
-    extra: list[str] = []
+    extra: list[str] = ["--lid-model", args.lid_model] if args.lid_model else []
     kmeans_s = None
     if has_npz:
         centroids, targets, kmeans_s = image_inputs(pool, args.workers)
@@ -305,31 +453,51 @@ def main(argv: list[str] | None = None) -> list[dict]:
     commands = [(n, [n]) for n in names]
     if not args.no_combined:
         commands += [("five", list(FIVE)), ("all", ["all"])]
+    datacomp_dir = args.work_dir / "runs" / "datacomp"
+    datacomp_by_strategy: dict[str, dict] = {}
     results = []
     for label, strategies in commands:
         out = args.work_dir / "runs" / label
-        runs = [run_measured(filter_command(pool, strategies, out, args.workers, args.executor, extra))
-                for _ in range(args.repeat)]
-        m = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])  # the median run
-        if args.repeat > 1:
-            m["runs_s"] = [r["seconds"] for r in runs]
+        m = median_run([run_measured(filter_command(pool, strategies, out, args.workers, args.executor, extra))
+                        for _ in range(args.repeat)])
         stats = json.loads((out / "stats.json").read_text())
         manifest = json.loads((out / "manifest.json").read_text())
         kept = {k: v["kept"] for k, v in stats["strategies"].items()}
         line = {"strategy": label, "rows": rows, **m, "rows_per_s": round(rows / m["seconds"]),
                 "kept": kept if len(kept) > 1 else next(iter(kept.values())), "workers": args.workers,
                 "signals_by": manifest["signals"].get("computed_by", {}), "executor": manifest["executor"]}
-        if rows == 2_000_000 and label in (*DATACOMP_2M_SECONDS, "five"):
-            ref_s = DATACOMP_2M_SECONDS.get(label, sum(DATACOMP_2M_SECONDS.values()))
-            line["datacomp_2m_s"] = ref_s
-            line["speedup_vs_datacomp"] = round(ref_s / m["seconds"], 2)
+        ran = list(stats["strategies"])  # what the command ran (`all`: the strategies the pool allows)
+        floor = ({"skipped": "--no-floor"} if args.no_floor
+                 else measure_floor(pool, ran, args.workers, args.lid_model, args.repeat))
+        datacomp = None
+        if datacomp_env is not None:
+            if len(ran) == 1:
+                datacomp = measure_datacomp(datacomp_env, pool, ran[0], args.workers, datacomp_dir,
+                                            out / f"{ran[0]}.npy", args.repeat)
+                datacomp_by_strategy[ran[0]] = datacomp
+            else:
+                datacomp = datacomp_together(datacomp_by_strategy, ran, out, datacomp_dir)
+        line = compare(line, datacomp, floor)
         if label == "all" and kmeans_s:
             line["kmeans_s"] = round(kmeans_s, 3)
-        if args.reference and label in DATACOMP_2M_SECONDS:
+        if args.reference and label in FIVE:
             line["reference_restatement_s"] = run_reference(pool, label, args.workers, args.work_dir)
         print(json.dumps(line), flush=True)
         results.append(line)
+    print(summary(results), file=sys.stderr)
     return results
+
+
+def datacomp_together(measured: dict[str, dict], ours: list[str], out: Path, datacomp_dir: Path) -> dict:
+    """DataComp's figures for one of our multi-strategy commands: its separate runs of the same
+    strategies together (it has no way to run several in one), when every one was measured."""
+    missing = [s for s in ours if "seconds" not in measured.get(s, {})]
+    if missing:
+        return {"error": f"DataComp not measured for {', '.join(missing)}"}
+    return {"name": f"{len(ours)} runs", "seconds": round(sum(measured[s]["seconds"] for s in ours), 3),
+            "peak_rss_mb": max(measured[s]["peak_rss_mb"] for s in ours),
+            "kept": {s: measured[s]["kept"] for s in ours},
+            "uid_exact": all(uids_equal(out / f"{s}.npy", datacomp_dir / f"{s}.npy") for s in ours)}
 
 
 if __name__ == "__main__":
