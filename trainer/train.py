@@ -28,12 +28,13 @@ import platform
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from pools.files import atomic_path, write_json_atomic
@@ -95,13 +96,38 @@ def make_optimizer(model: torch.nn.Module, budget, device: str) -> torch.optim.O
                              fused=device.startswith(("cpu", "cuda")))
 
 
+AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
+
+
+@contextmanager
 def autocast_for(precision: str, device: str):
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    if precision == "amp":
-        return torch.autocast(dev_type, dtype=torch.float16)
-    if precision in ("amp_bf16", "amp_bfloat16"):
-        return torch.autocast(dev_type, dtype=torch.bfloat16)
-    return nullcontext()
+    """The forward's mixed precision; on a CPU also torch's plain ("math") attention.
+
+    torch's fused CPU attention kernel is slow in bf16/fp16: on the tiny model its backward took
+    ~50 ms a call against ~5 ms in fp32, which made amp_bf16 slower than fp32 on a CPU whose
+    matmuls are ~7x faster in bf16 (AMX). The math path (matmul, softmax, matmul) has no such
+    cliff: the tiny step fell from ~440 to ~180 ms (bench/profile_step.py, one thread).
+    """
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        yield
+        return
+    on_cpu = not device.startswith("cuda")
+    with torch.autocast("cpu" if on_cpu else "cuda", dtype=dtype), \
+            (sdpa_kernel([SDPBackend.MATH]) if on_cpu else nullcontext()):
+        yield
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), where amp_bf16 pays.
+
+    Without AMX (AVX-512 BF16 at most) bf16 matmuls gain little and the casts cost more.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own check, private
+    try:
+        return bool(probe and probe())
+    except RuntimeError:
+        return False
 
 
 def check_plan(plan: list[list[int]], world_size: int) -> None:
@@ -189,8 +215,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     losses: list[float] = []
     if resume_from is not None or rewind is not None:
         ck = load_checkpoint(resume_from if resume_from is not None else Path(rewind.checkpoint))
-        if rewind is not None and resume_from is None:
-            _check_same_model(ck, record, rewind.checkpoint)
+        if resume_from is not None:  # e.g. a run of an older `tiny` config
+            _check_same_model(ck, record, str(resume_from), "resuming keeps the run's model")
+        else:
+            _check_same_model(ck, record, rewind.checkpoint, "a rewind keeps the parent's model")
         bare.load_state_dict(ck["state_dict"])
         optimizer.load_state_dict(ck["optimizer"])
         if scaler is not None and "scaler" in ck:
@@ -345,10 +373,10 @@ def _check_same_config(out: Path, cfg: TrainConfig, *, resuming: bool) -> None:
                          "resuming must keep them")
 
 
-def _check_same_model(checkpoint: dict, record: dict, path: str) -> None:
+def _check_same_model(checkpoint: dict, record: dict, path: str, rule: str) -> None:
     if "model_cfg" in checkpoint and checkpoint["model_cfg"] != record["model_cfg"]:
         raise ValueError(f"{path}: its model ({checkpoint.get('model_name')}) is not this run's "
-                         f"({record['model_name']}); a rewind keeps the parent's model")
+                         f"({record['model_name']} as configured now); {rule}")
 
 
 def _versions() -> dict:
