@@ -45,8 +45,8 @@ import torch
 # and the eval prompts shorter still, so only non-English and junk captions are cut (they were
 # already cut at 32), and the text tower stops spending half its work on padding. (open_clip's
 # `block_type: custom` attention block would save another ~7-10% of a CPU step, but open_clip
-# 2.16, DataComp's pin, has no such key and refuses the config: DataComp's evaluate.py must
-# load our runs.)
+# 2.16, DataComp's pin, has no such key and refuses the whole config; without it the config
+# builds in 2.16 as in 3.x.)
 TINY_MODEL_NAME = "tiny"
 TINY_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 64,
