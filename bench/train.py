@@ -7,7 +7,8 @@
 The two trainers run in turn, `--repeats` times each (A B A B ...), so that load which changes
 during the benchmark falls on both; the ratio reported is the median of the per-round ratios.
 Prints one JSON line: per run, steady-state samples/s (the first 3 steps and the last left out;
-per-step times, data wait included) and the share of step time spent waiting for data; their
+per-step times, data wait included) and the share of step time spent waiting for data (ours
+also its training process's CPU milliseconds a step, steadier on a shared machine); their
 medians; the median ratio (ours / open_clip_train); peak memory (the largest max-RSS of any one
 process on CPU; max allocated on GPU); the model's forward FLOPs per sample (image + text
 tower, from torch's FLOP counter) and MFU = 3 * flops_per_sample * samples/s / peak FLOP/s
@@ -106,7 +107,7 @@ def bench_ours(a, shards: str, out: Path, env: dict) -> dict:
     _, wall, rss = run_timed(cmd, env)
     m = json.loads((out / "manifest.json").read_text())
     return {"samples_per_s": m["steady_samples_per_second"], "data_wait_share": m["data_wait_fraction"],
-            "wall_s": round(wall, 1), "peak_rss_bytes": rss,
+            "train_process_cpu_ms_per_step": m["steady_cpu_ms_per_step"], "wall_s": round(wall, 1), "peak_rss_bytes": rss,
             "peak_gpu_memory_bytes": m["peak_gpu_memory_bytes"], "torch_threads": m["torch_threads"]}
 
 

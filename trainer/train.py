@@ -239,12 +239,15 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     t_start = time.time()
     step_seconds: list[float] = []  # this process's steps, data wait included
     wait_seconds: list[float] = []  # the part of each step spent waiting for its batch
+    # this process's CPU time a step (its compute threads; loader workers are other processes):
+    # steadier than wall time on a shared machine
+    cpu_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.num_checkpoints):
         model.train()
         local = tuple(rank_share(n, env.world_size, env.rank) for n in plan[epoch])
         spec = StreamSpec(shards=shards, seed=cfg.seed, epoch=stream_epoch_offset + epoch, rank=env.rank,
                           local_batches=local, shuffle_buffer=cfg.shuffle_buffer)
-        t_data = time.time()
+        t_data, c_data = time.time(), time.process_time()
         for i, images, texts, batch_counts in epoch_loader(spec, preprocess_train, tokenizer,
                                                            cfg.workers):
             data_time = time.time() - t_data
@@ -271,6 +274,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             with torch.no_grad():
                 bare.logit_scale.clamp_(0, math.log(100))
             step_time = time.time() - t_data
+            cpu_seconds.append(time.process_time() - c_data)
             step_seconds.append(step_time)
             wait_seconds.append(data_time)
             loss_value = all_reduce_mean(loss.item(), env)
@@ -287,7 +291,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                 writer.add_scalar("train/samples_per_second", plan[epoch][i] / max(step_time, 1e-9), step)
                 writer.add_scalar("train/data_time", data_time, step)
                 writer.add_scalar("train/step_time", step_time, step)
-            t_data = time.time()
+            t_data, c_data = time.time(), time.process_time()
         all_counts = all_reduce_sum_counts(dict(counters), env)
         if env.is_master:
             state = {"epoch": epoch + 1, "name": out.name, "state_dict": bare.state_dict(),
@@ -321,6 +325,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         "wall_s_this_process": round(time.time() - t_start, 2),
         "steady_samples_per_second": _steady_rate(step_seconds, budget.batch_size),
         "data_wait_fraction": _steady_wait_fraction(step_seconds, wait_seconds),
+        "steady_cpu_ms_per_step": _steady_mean_ms(cpu_seconds),
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if env.device.startswith("cuda") else None,
         "checkpoint": str(out / "checkpoints" / "epoch_latest.pt"),
         "versions": _versions(),
@@ -343,18 +348,27 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     return manifest
 
 
-def _steady_rate(step_seconds: list[float], global_batch: int, skip: int = 3) -> float | None:
-    """Global samples per second over full steps, the first `skip` (warm-up) left out."""
-    steady = step_seconds[skip:-1] if len(step_seconds) > skip + 1 else step_seconds
+def _steady(values: list[float], skip: int = 3) -> list[float]:
+    """Full steps after the first `skip` (warm-up); the last (often partial) step left out."""
+    return values[skip:-1] if len(values) > skip + 1 else values
+
+
+def _steady_rate(step_seconds: list[float], global_batch: int) -> float | None:
+    """Global samples per second over steady steps."""
+    steady = _steady(step_seconds)
     return round(global_batch * len(steady) / sum(steady), 2) if steady and sum(steady) > 0 else None
 
 
-def _steady_wait_fraction(step_seconds: list[float], wait_seconds: list[float],
-                          skip: int = 3) -> float | None:
-    """The share of steady-state step time spent waiting for data (steps as `_steady_rate`)."""
-    keep = slice(skip, -1) if len(step_seconds) > skip + 1 else slice(None)
-    total = sum(step_seconds[keep])
-    return round(sum(wait_seconds[keep]) / total, 4) if total > 0 else None
+def _steady_mean_ms(seconds: list[float]) -> float | None:
+    """Mean milliseconds over steady steps."""
+    steady = _steady(seconds)
+    return round(1000 * sum(steady) / len(steady), 1) if steady else None
+
+
+def _steady_wait_fraction(step_seconds: list[float], wait_seconds: list[float]) -> float | None:
+    """The share of steady step time spent waiting for data."""
+    total = sum(_steady(step_seconds))
+    return round(sum(_steady(wait_seconds)) / total, 4) if total > 0 else None
 
 
 # What a resumed run must share with the run it continues.
