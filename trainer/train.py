@@ -103,10 +103,11 @@ AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat
 def autocast_for(precision: str, device: str):
     """The forward's mixed precision; on a CPU also torch's plain ("math") attention.
 
-    torch's fused CPU attention kernel is slow in bf16/fp16: on the tiny model its backward took
-    ~50 ms a call against ~5 ms in fp32, which made amp_bf16 slower than fp32 on a CPU whose
-    matmuls are ~7x faster in bf16 (AMX). The math path (matmul, softmax, matmul) has no such
-    cliff: the tiny step fell from ~440 to ~180 ms (bench/profile_step.py, one thread).
+    torch's fused CPU attention kernel is slow in bf16 (fp16, not measured, is treated alike):
+    on the tiny model its backward took ~50 ms a call against ~5 ms in fp32, which made
+    amp_bf16 slower than fp32 on a CPU whose matmuls are ~7x faster in bf16 (AMX). The math
+    path (matmul, softmax, matmul) has no such cliff: the tiny step fell from ~440 to ~180 ms
+    (bench/profile_step.py, one thread).
     """
     dtype = AUTOCAST_DTYPES.get(precision)
     if dtype is None:
@@ -121,7 +122,8 @@ def autocast_for(precision: str, device: str):
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), where amp_bf16 pays.
 
-    Without AMX (AVX-512 BF16 at most) bf16 matmuls gain little and the casts cost more.
+    Only AMX was measured to pay (bf16 matmuls ~7x fp32's on the tiny model's shapes); without
+    it bf16 runs on AVX-512 at best, untried, so callers keep fp32 there.
     """
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own check, private
     try:
