@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # trainer, pools and bench.profile_step, without an install
 STEADY_SKIP = 3  # warm-up steps left out of steady-state figures (as trainer.train's manifest)
 
 # Dense bf16 peak FLOP/s by device name (vendor data sheets, SXM parts), for MFU.
@@ -54,7 +55,6 @@ def steady(values: list[float], skip: int = STEADY_SKIP) -> list[float]:
 
 def forward_flops_per_sample(model_name: str) -> dict[str, float]:
     """Forward FLOPs per sample of each tower (`image`, `text`) and their `total`."""
-    sys.path.insert(0, str(REPO))
     from bench.profile_step import tower_flops_per_sample
     from trainer.models import create_model
 
@@ -67,7 +67,6 @@ def forward_flops_per_sample(model_name: str) -> dict[str, float]:
 
 def cpu_step_breakdown(a) -> dict:
     """Where ours' step goes, timed in this process with the threads trainer.train would use."""
-    sys.path.insert(0, str(REPO))
     from bench.profile_step import step_breakdown
     from trainer.train import compute_threads
 
@@ -107,7 +106,8 @@ def bench_ours(a, shards: str, out: Path, env: dict) -> dict:
     _, wall, rss = run_timed(cmd, env)
     m = json.loads((out / "manifest.json").read_text())
     return {"samples_per_s": m["steady_samples_per_second"], "data_wait_share": m["data_wait_fraction"],
-            "train_process_cpu_ms_per_step": m["steady_cpu_ms_per_step"], "wall_s": round(wall, 1), "peak_rss_bytes": rss,
+            "train_process_cpu_ms_per_step": m["steady_cpu_ms_per_step"], "wall_s": round(wall, 1),
+            "peak_rss_bytes": rss,
             "peak_gpu_memory_bytes": m["peak_gpu_memory_bytes"], "torch_threads": m["torch_threads"]}
 
 
