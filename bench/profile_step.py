@@ -7,6 +7,7 @@
                                                       # with its plain attention path)
     python bench/profile_step.py --unfused            # the per-tensor AdamW loop, for comparison
     python bench/profile_step.py --loader             # also the data loader's CPU per batch
+    python bench/profile_step.py --model-config old_tiny.json   # another open_clip config file
 
 The step is trainer.train's (model, ClipLoss, its autocast and AdamW) on random inputs, so the
 data path is left out unless `--loader`, which times `trainer.data.epoch_loader` in this process
@@ -76,10 +77,11 @@ def tower_flops_per_sample(model, tokenizer, size: int) -> dict[str, float]:
     return flops
 
 
-def step_breakdown(model_name: str = "tiny", *, batch_size: int = 256, steps: int = 10,
+def step_breakdown(model_name: str | dict = "tiny", *, batch_size: int = 256, steps: int = 10,
                    threads: int | None = None, precision: str = "fp32", unfused: bool = False,
                    compile_model: bool = False, loader: bool = False, top_ops: int = 10):
-    """(breakdown dict, profiler) of trainer.train's step on random inputs, on the CPU."""
+    """(breakdown dict, profiler) of trainer.train's step on random inputs, on the CPU; the
+    model is a trainer.models name or a {"model_name", "model_cfg"} record."""
     import torch
     from open_clip.loss import ClipLoss
     from torch.profiler import ProfilerActivity, profile
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="a trainer.models name (default tiny)")
+    p.add_argument("--model-config", default=None, metavar="FILE.json",
+                   help="an open_clip model config file instead of --model (e.g. an older tiny)")
     p.add_argument("--batch-size", type=int, default=256, help="samples a step (default 256, tiny's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warm-up ones")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -147,7 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--loader", action="store_true", help="also time the data loader per batch")
     p.add_argument("--table-rows", type=int, default=15, help="profiler rows to print")
     a = p.parse_args(argv)
-    result, prof = step_breakdown(a.model, batch_size=a.batch_size, steps=a.steps, threads=a.threads,
+    model = a.model
+    if a.model_config:
+        from trainer.models import read_model_config_file
+        name, cfg = read_model_config_file(a.model_config)
+        model = {"model_name": name, "model_cfg": cfg}
+    result, prof = step_breakdown(model, batch_size=a.batch_size, steps=a.steps, threads=a.threads,
                                   precision=a.precision, unfused=a.unfused, compile_model=a.compile,
                                   loader=a.loader)
     print(json.dumps(result))
