@@ -7,12 +7,16 @@
 The two trainers run in turn, `--repeats` times each (A B A B ...), so that load which changes
 during the benchmark falls on both; the ratio reported is the median of the per-round ratios.
 Prints one JSON line: per run, steady-state samples/s (the first 3 steps and the last left out;
-per-step times, data wait included) and the share of step time spent waiting for data; their
+per-step times, data wait included) and the share of step time spent waiting for data (ours
+also its training process's CPU milliseconds a step, steadier on a shared machine); their
 medians; the median ratio (ours / open_clip_train); peak memory (the largest max-RSS of any one
 process on CPU; max allocated on GPU); the model's forward FLOPs per sample (image + text
 tower, from torch's FLOP counter) and MFU = 3 * flops_per_sample * samples/s / peak FLOP/s
 (the device's bf16 peak from a small table, or `--peak-flops`). With a GPU it also prints the
 seed's reference figure: ViT-B/32 on LAION-400M, 128 A100s for ~36 h, ~770 samples/s per GPU.
+On a CPU it adds `step_breakdown` (`bench/profile_step.py`'s, at trainer.train's thread count
+and ours' precision): CPU milliseconds of forward, backward and optimizer, the loader's CPU per
+batch, forward FLOPs of each tower and the top ops by self CPU time (`--no-breakdown` skips it).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # trainer, pools and bench.profile_step, without an install
 STEADY_SKIP = 3  # warm-up steps left out of steady-state figures (as trainer.train's manifest)
 
 # Dense bf16 peak FLOP/s by device name (vendor data sheets, SXM parts), for MFU.
@@ -48,18 +53,27 @@ def steady(values: list[float], skip: int = STEADY_SKIP) -> list[float]:
     return values[skip:-1] if len(values) > skip + 1 else values
 
 
-def forward_flops_per_sample(model_name: str) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+def forward_flops_per_sample(model_name: str) -> dict[str, float]:
+    """Forward FLOPs per sample of each tower (`image`, `text`) and their `total`."""
+    from bench.profile_step import tower_flops_per_sample
     from trainer.models import create_model
+
     model, _, _, tok = create_model(model_name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    images, texts = torch.zeros(2, 3, size, size), tok(["a photo of a red star"] * 2)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(images, texts)
-    return counter.get_total_flops() / 2
+    flops = tower_flops_per_sample(model, tok, size)
+    return {**flops, "total": sum(flops.values())}
+
+
+def cpu_step_breakdown(a) -> dict:
+    """Where ours' step goes, timed in this process with the threads trainer.train would use."""
+    from bench.profile_step import step_breakdown
+    from trainer.train import compute_threads
+
+    threads = compute_threads(a.threads, a.workers, "cpu", a.nproc)
+    breakdown, _ = step_breakdown(a.model, batch_size=a.batch_size // a.nproc, steps=5,
+                                  threads=threads, precision=a.precision, loader=True)
+    return breakdown
 
 
 def run_timed(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, int]:
@@ -92,7 +106,8 @@ def bench_ours(a, shards: str, out: Path, env: dict) -> dict:
     _, wall, rss = run_timed(cmd, env)
     m = json.loads((out / "manifest.json").read_text())
     return {"samples_per_s": m["steady_samples_per_second"], "data_wait_share": m["data_wait_fraction"],
-            "wall_s": round(wall, 1), "peak_rss_bytes": rss,
+            "train_process_cpu_ms_per_step": m["steady_cpu_ms_per_step"], "wall_s": round(wall, 1),
+            "peak_rss_bytes": rss,
             "peak_gpu_memory_bytes": m["peak_gpu_memory_bytes"], "torch_threads": m["torch_threads"]}
 
 
@@ -176,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peak-flops", type=float, default=None,
                    help="the device's peak FLOP/s for MFU (default: a bf16 table of GPUs by name)")
     p.add_argument("--skip-open-clip", action="store_true", help="time ours only")
+    p.add_argument("--no-breakdown", action="store_true",
+                   help="skip the in-process per-phase breakdown of one step (CPU runs)")
     a = p.parse_args(argv)
     defaults = ({"model": "ViT-B-32", "batch_size": 256, "steps": 60, "workers": 4, "precision": "amp_bf16"}
                 if a.gpu else {"model": "tiny", "batch_size": 256, "steps": 40, "workers": 1, "precision": "fp32"})
@@ -213,12 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
             ours.append(bench_ours(a, data, tmp / f"ours{r}", env))
             if not a.skip_open_clip:
                 oc.append(bench_open_clip(a, shards, tmp / f"oc{r}", env, model_dir))
-        result["ours"] = summary(ours, flops, peak)
+        result["ours"] = summary(ours, flops["total"], peak)
         if oc:
-            result["open_clip_train"] = summary(oc, flops, peak)
+            result["open_clip_train"] = summary(oc, flops["total"], peak)
             ratios = [o["samples_per_s"] / c["samples_per_s"] for o, c in zip(ours, oc)]
             result["ratios_ours_over_open_clip"] = [round(x, 3) for x in ratios]
             result["median_ratio_ours_over_open_clip"] = round(statistics.median(ratios), 3)
+        if device == "cpu" and not a.no_breakdown:
+            result["step_breakdown"] = cpu_step_breakdown(a)
         if device != "cpu":
             per_gpu = result["ours"]["median_samples_per_s"] / a.nproc
             result["seed_reference"] = {

@@ -28,12 +28,13 @@ import platform
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from pools.files import atomic_path, write_json_atomic
@@ -95,13 +96,40 @@ def make_optimizer(model: torch.nn.Module, budget, device: str) -> torch.optim.O
                              fused=device.startswith(("cpu", "cuda")))
 
 
+AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
+
+
+@contextmanager
 def autocast_for(precision: str, device: str):
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    if precision == "amp":
-        return torch.autocast(dev_type, dtype=torch.float16)
-    if precision in ("amp_bf16", "amp_bfloat16"):
-        return torch.autocast(dev_type, dtype=torch.bfloat16)
-    return nullcontext()
+    """The forward's mixed precision; on a CPU also torch's plain ("math") attention.
+
+    torch's fused CPU attention kernel is slow in bf16 (fp16, not measured, is treated alike):
+    on the tiny model its backward took ~50 ms a call against ~5 ms in fp32, which made
+    amp_bf16 slower than fp32 on a CPU whose matmuls are ~7x faster in bf16 (AMX). The math
+    path (matmul, softmax, matmul) has no such cliff: the tiny step fell from ~440 to ~180 ms
+    (bench/profile_step.py, one thread).
+    """
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        yield
+        return
+    on_cpu = not device.startswith("cuda")
+    with torch.autocast("cpu" if on_cpu else "cuda", dtype=dtype), \
+            (sdpa_kernel([SDPBackend.MATH]) if on_cpu else nullcontext()):
+        yield
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), where amp_bf16 pays.
+
+    Only AMX was measured to pay (bf16 matmuls ~7x fp32's on the tiny model's shapes); without
+    it bf16 runs on AVX-512 at best, untried, so callers keep fp32 there.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own check, private
+    try:
+        return bool(probe and probe())
+    except RuntimeError:
+        return False
 
 
 def check_plan(plan: list[list[int]], world_size: int) -> None:
@@ -189,8 +217,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     losses: list[float] = []
     if resume_from is not None or rewind is not None:
         ck = load_checkpoint(resume_from if resume_from is not None else Path(rewind.checkpoint))
-        if rewind is not None and resume_from is None:
-            _check_same_model(ck, record, rewind.checkpoint)
+        if resume_from is not None:  # e.g. a run of an older `tiny` config
+            _check_same_model(ck, record, str(resume_from), "resuming keeps the run's model")
+        else:
+            _check_same_model(ck, record, rewind.checkpoint, "a rewind keeps the parent's model")
         bare.load_state_dict(ck["state_dict"])
         optimizer.load_state_dict(ck["optimizer"])
         if scaler is not None and "scaler" in ck:
@@ -211,12 +241,15 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     t_start = time.time()
     step_seconds: list[float] = []  # this process's steps, data wait included
     wait_seconds: list[float] = []  # the part of each step spent waiting for its batch
+    # this process's CPU time a step (its compute threads; loader workers are other processes):
+    # steadier than wall time on a shared machine
+    cpu_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.num_checkpoints):
         model.train()
         local = tuple(rank_share(n, env.world_size, env.rank) for n in plan[epoch])
         spec = StreamSpec(shards=shards, seed=cfg.seed, epoch=stream_epoch_offset + epoch, rank=env.rank,
                           local_batches=local, shuffle_buffer=cfg.shuffle_buffer)
-        t_data = time.time()
+        t_data, c_data = time.time(), time.process_time()
         for i, images, texts, batch_counts in epoch_loader(spec, preprocess_train, tokenizer,
                                                            cfg.workers):
             data_time = time.time() - t_data
@@ -243,6 +276,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             with torch.no_grad():
                 bare.logit_scale.clamp_(0, math.log(100))
             step_time = time.time() - t_data
+            cpu_seconds.append(time.process_time() - c_data)
             step_seconds.append(step_time)
             wait_seconds.append(data_time)
             loss_value = all_reduce_mean(loss.item(), env)
@@ -259,7 +293,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                 writer.add_scalar("train/samples_per_second", plan[epoch][i] / max(step_time, 1e-9), step)
                 writer.add_scalar("train/data_time", data_time, step)
                 writer.add_scalar("train/step_time", step_time, step)
-            t_data = time.time()
+            t_data, c_data = time.time(), time.process_time()
         all_counts = all_reduce_sum_counts(dict(counters), env)
         if env.is_master:
             state = {"epoch": epoch + 1, "name": out.name, "state_dict": bare.state_dict(),
@@ -293,6 +327,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         "wall_s_this_process": round(time.time() - t_start, 2),
         "steady_samples_per_second": _steady_rate(step_seconds, budget.batch_size),
         "data_wait_fraction": _steady_wait_fraction(step_seconds, wait_seconds),
+        "steady_cpu_ms_per_step": _steady_mean_ms(cpu_seconds),
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if env.device.startswith("cuda") else None,
         "checkpoint": str(out / "checkpoints" / "epoch_latest.pt"),
         "versions": _versions(),
@@ -315,18 +350,27 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     return manifest
 
 
-def _steady_rate(step_seconds: list[float], global_batch: int, skip: int = 3) -> float | None:
-    """Global samples per second over full steps, the first `skip` (warm-up) left out."""
-    steady = step_seconds[skip:-1] if len(step_seconds) > skip + 1 else step_seconds
+def _steady(values: list[float], skip: int = 3) -> list[float]:
+    """Full steps after the first `skip` (warm-up); the last (often partial) step left out."""
+    return values[skip:-1] if len(values) > skip + 1 else values
+
+
+def _steady_rate(step_seconds: list[float], global_batch: int) -> float | None:
+    """Global samples per second over steady steps."""
+    steady = _steady(step_seconds)
     return round(global_batch * len(steady) / sum(steady), 2) if steady and sum(steady) > 0 else None
 
 
-def _steady_wait_fraction(step_seconds: list[float], wait_seconds: list[float],
-                          skip: int = 3) -> float | None:
-    """The share of steady-state step time spent waiting for data (steps as `_steady_rate`)."""
-    keep = slice(skip, -1) if len(step_seconds) > skip + 1 else slice(None)
-    total = sum(step_seconds[keep])
-    return round(sum(wait_seconds[keep]) / total, 4) if total > 0 else None
+def _steady_mean_ms(seconds: list[float]) -> float | None:
+    """Mean milliseconds over steady steps."""
+    steady = _steady(seconds)
+    return round(1000 * sum(steady) / len(steady), 1) if steady else None
+
+
+def _steady_wait_fraction(step_seconds: list[float], wait_seconds: list[float]) -> float | None:
+    """The share of steady step time spent waiting for data."""
+    total = sum(_steady(step_seconds))
+    return round(sum(_steady(wait_seconds)) / total, 4) if total > 0 else None
 
 
 # What a resumed run must share with the run it continues.
@@ -345,10 +389,10 @@ def _check_same_config(out: Path, cfg: TrainConfig, *, resuming: bool) -> None:
                          "resuming must keep them")
 
 
-def _check_same_model(checkpoint: dict, record: dict, path: str) -> None:
+def _check_same_model(checkpoint: dict, record: dict, path: str, rule: str) -> None:
     if "model_cfg" in checkpoint and checkpoint["model_cfg"] != record["model_cfg"]:
         raise ValueError(f"{path}: its model ({checkpoint.get('model_name')}) is not this run's "
-                         f"({record['model_name']}); a rewind keeps the parent's model")
+                         f"({record['model_name']} as configured now); {rule}")
 
 
 def _versions() -> dict:

@@ -81,6 +81,8 @@ def test_a_small_demo_runs_end_to_end_and_a_rerun_reuses_it(tmp_path):
     for run in summary["runs"]:
         manifest = json.loads((Path(run) / "manifest.json").read_text())
         assert manifest["samples_seen"] == manifest["counters"]["samples"] == 1024
+        # --precision auto: amp_bf16 where the CPU has AMX, fp32 elsewhere
+        assert manifest["precision"] == demo.DemoConfig().train_precision() != "auto"
         assert (Path(run) / "eval_results.jsonl").is_file()
     html = (out / "report.html").read_text()
     assert all(name in html for name in trained)

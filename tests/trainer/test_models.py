@@ -44,3 +44,26 @@ def test_checkpoint_loads_back_here_and_in_open_clip(tmp_path):
     open_clip.add_model_config(run / "model_configs")
     oc, _, _ = open_clip.create_model_and_transforms("tiny", pretrained=str(run / "checkpoints" / "epoch_2.pt"))
     assert torch.equal(oc.visual.conv1.weight, model.visual.conv1.weight)
+
+
+def test_tiny_context_holds_every_english_caption_and_eval_prompt(tmp_path):
+    """`tiny` reads 16 tokens: no English caption of the synthetic pool, nor an eval prompt, is
+    cut (only the non-English and junk ones may be); a longer caption template fails here."""
+    import pyarrow.parquet as pq
+
+    from pools.synth import CONCEPTS, EVAL_TEMPLATES, SynthConfig, concept_name, generate
+
+    generate(tmp_path / "pool", SynthConfig(samples=2000, seed=5, images=False))
+    rows = pq.read_table(tmp_path / "pool" / "metadata").to_pandas()
+    truth = pq.read_table(tmp_path / "pool" / "ground_truth.parquet").to_pandas()
+    rows = rows.merge(truth[["uid", "language", "caption_kind"]], on="uid")
+    english = rows[rows["language"] == "en"]["text"].tolist()
+    assert len(english) > 1000 and {"match_plain", "mismatch", "off_target"} <= set(rows["caption_kind"])
+    _, _, _, tok = create_model("tiny")
+    context = TINY_MODEL_CFG["text_cfg"]["context_length"]
+    assert context == 16
+    prompts = [t.format(c=concept_name(c)) for t in EVAL_TEMPLATES for c in range(len(CONCEPTS))]
+    for texts in (english, prompts):
+        ids = tok(texts)
+        assert ids.shape[1] == context
+        assert (ids[:, -1] == 0).all(), [t for t, i in zip(texts, ids) if i[-1] != 0][:3]  # not cut

@@ -31,7 +31,7 @@ def weights(run):
 
 
 @pytest.mark.slow
-def test_samples_seen_is_exact_for_small_and_large_subsets(train_pool, tmp_path):
+def test_samples_seen_is_exact_for_small_and_large_subsets(train_pool, tmp_path, monkeypatch):
     # smaller than the budget: 100 uids, each twice (as pipeline.reshard writes duplicates)
     small = tmp_path / "resharded"
     n = write_resharded(sorted((train_pool / "shards").glob("*.tar")), small, keep=100, repeats=2)
@@ -54,6 +54,12 @@ def test_samples_seen_is_exact_for_small_and_large_subsets(train_pool, tmp_path)
     assert (run / "info.pkl").is_file() and (run / "model_configs" / "tiny.json").is_file()
     with pytest.raises(FileExistsError, match="--resume latest"):
         main(run_args(train_pool / "shards", run, 320))
+    # a run of another `tiny` config (an older version's) is not resumed into today's model
+    import trainer.models
+    monkeypatch.setitem(trainer.models.MODEL_CONFIGS, "tiny",
+                        {**trainer.models.TINY_MODEL_CFG, "embed_dim": 32})
+    with pytest.raises(ValueError, match="epoch_latest.pt: its model .* resuming keeps the run's model"):
+        main(run_args(train_pool / "shards", run, 320, "--resume", "latest"))
 
 
 @pytest.mark.slow
