@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from dataclasses import replace
+
 from pipeline.execution import Executor, run_local, run_ray
 from pipeline.signals import SignalsSpec, SignalsWorker, groups_to_compute, signals_path
+from pools import storage
 from pools.format import PoolFormatError
 
 
@@ -35,8 +38,16 @@ def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec
                      executor: Executor | None = None, *, progress: bool = True) -> list[dict]:
     """Bring the signals of every file up to `spec`; returns one summary per file."""
     executor = executor if executor is not None else Executor()
-    signals_dir = Path(signals_dir)
+    signals_dir = storage.path(signals_dir)
     signals_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(signals_dir, storage.ObjectPath) and executor.kind != "local":
+        # The Ray job's per-file claim markers are local files beside the signals: with the
+        # signals in object storage the pass runs in this process (the pool itself may be
+        # anywhere; keep --signals-dir local to fan out).
+        if progress:
+            print(f"signals: {signals_dir} is in object storage: computing them in this process",
+                  file=sys.stderr)
+        executor = replace(executor, kind="local")
     summaries: dict[str, dict] = {}
     todo = []
     checker = SignalsWorker(spec)
