@@ -153,6 +153,10 @@ def _log(cfg: FilterConfig, msg: str) -> None:
 def pool_files(pool_dir: Path, scale: str) -> list[Path]:
     """The pool's metadata files, or a clear error saying how to get a pool."""
     pool = Pool(pool_dir)
+    if not pool.metadata_dir.is_dir() and isinstance(pool.root, storage.ObjectPath):
+        storage.check_bucket(pool.root)
+        raise FilterError(f"no pool at {pool_dir}: {pool.metadata_dir}/ holds no objects (check the URI, and "
+                          "AWS_ENDPOINT_URL for an S3-compatible server)")
     if not pool.metadata_dir.is_dir():
         from pools.download import HUB_SCALES
 
@@ -385,7 +389,7 @@ def load_image_inputs(cfg: FilterConfig, centroids_path: Path, device: str | Non
     targets, described = resolve_targets(cfg.targets, model=cfg.targets_model,
                                          pretrained=cfg.targets_pretrained, device=device or "cpu")
     ids = target_centroid_ids(targets, centroids, device=device)
-    return ImageInputs(centroids_path=Path(centroids_path), centroids=centroids, target_ids=ids,
+    return ImageInputs(centroids_path=storage.path(centroids_path), centroids=centroids, target_ids=ids,
                        targets=described)
 
 

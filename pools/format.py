@@ -124,6 +124,8 @@ class Pool:
     def metadata_files(self) -> list[Path]:
         """The pool's parquet files, sorted by name (the order img2dataset reads them in)."""
         if not self.metadata_dir.is_dir():
+            if isinstance(self.root, storage.ObjectPath):
+                storage.check_bucket(self.root)
             raise PoolFormatError(f"{self.metadata_dir} does not exist: a pool needs a metadata/ "
                                   "folder of parquet files")
         files = sorted(p for p in self.metadata_dir.glob("*.parquet") if not p.name.startswith("."))

@@ -302,6 +302,19 @@ class _errors:
         raise StorageError(f"{self.target}: {reason}{hint}") from None
 
 
+def check_bucket(target: ObjectPath) -> None:
+    """Raise a `StorageError` naming `target` when its bucket does not exist (or these
+    credentials cannot see it): a missing prefix alone just lists as empty."""
+    import pyarrow.fs as pafs
+
+    with _errors(target):
+        missing = target.fs.get_file_info(target.bucket).type == pafs.FileType.NotFound
+    if missing:
+        raise StorageError(f"{target}: bucket {target.bucket!r} does not exist at "
+                           f"{os.environ.get('AWS_ENDPOINT_URL') or 'the default endpoint'} (or these credentials "
+                           "cannot see it)")
+
+
 def readable(target: Union[str, os.PathLike, ObjectPath]):
     """What pyarrow and NumPy read from: a local path unchanged, or a seekable file over an
     object (each read is a range request)."""
