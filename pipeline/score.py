@@ -395,7 +395,7 @@ def write_named_scores(parquet: Path, name: str, staged: dict[str, np.ndarray], 
     """A named scorer's columns for one metadata file: ``<folder>/<stem>.npz``; returns counts."""
     uid = read_metadata(parquet, ["uid"]).column("uid")
     img, txt, scores, found, has_image = _joined(uid, staged, width)
-    with atomic_path(Path(folder) / f"{parquet.stem}.npz") as tmp:
+    with atomic_path(storage.path(folder) / f"{parquet.stem}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{f"score_{name}": scores, f"{name}_img": img, f"{name}_txt": txt})
     return _counts(found, has_image)

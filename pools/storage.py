@@ -11,7 +11,7 @@ library). An `ObjectPath` has no ``__fspath__``, so code that would treat it as 
 fails loudly instead of writing a local folder named ``s3:``.
 
 Readers go through `readable` (parquet footers and column chunks by range requests),
-`read_bytes` (a whole npz) and `open_stream` (a tar, streamed). Writers keep using
+`whole` (an npz or npy, in one request) and `open_stream` (a tar, streamed). Writers keep using
 `pools.files.atomic_path`: for an object it yields a local temporary file, uploads it under a
 temporary key beside the final one (``.<name>.tmp-<pid>@<host>-<random>``), checks its size,
 then copies it to its final key and deletes the temporary, so a reader never sees a
@@ -54,14 +54,6 @@ class StorageError(OSError):
     """Object storage refused or failed a request; the message names the URI."""
 
 
-def is_uri(value: object) -> bool:
-    """Does `value` name an object in object storage (``s3://...``, ``gs://...``)?"""
-    if isinstance(value, ObjectPath):
-        return True
-    return isinstance(value, (str, PurePosixPath)) and bool(
-        _URI.match(str(value)) or (isinstance(value, PurePosixPath) and _FLATTENED.match(str(value))))
-
-
 def path(value: Union[str, os.PathLike, "ObjectPath"]) -> Union[Path, "ObjectPath"]:
     """A local `Path`, or an `ObjectPath` for a URI (also as pathlib flattened it); use as an
     argparse ``type=`` for every flag that names a pool, a folder or a file."""
@@ -71,6 +63,9 @@ def path(value: Union[str, os.PathLike, "ObjectPath"]) -> Union[Path, "ObjectPat
     m = _URI.match(text) or (not isinstance(value, str) and _FLATTENED.match(text))
     if m:
         return ObjectPath(m["scheme"], m["key"])
+    if re.match(r"^(s3|gs)://.*[?#]", text):
+        raise ValueError(f"{text}: a URI takes no query; the server and credentials come from the environment "
+                         "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
     if "://" in text:
         raise ValueError(f"{text}: unsupported URI scheme; pools in object storage are "
                          f"{' or '.join(s + '://bucket/prefix' for s in SCHEMES)}")
@@ -80,24 +75,29 @@ def path(value: Union[str, os.PathLike, "ObjectPath"]) -> Union[Path, "ObjectPat
 _FILESYSTEMS: dict[tuple, object] = {}
 
 
-def filesystem(scheme: str):
+def filesystem(scheme: str, bucket: str | None = None):
     """The pyarrow filesystem of `scheme`, configured from the environment (made once per
-    process and environment)."""
+    process, environment and, on AWS without a region set, bucket: its region is looked up)."""
     import pyarrow.fs as pafs
 
-    key = (scheme, *(os.environ.get(v) for v in ENV_VARS))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    per_bucket = scheme == "s3" and not endpoint and not region and bucket is not None
+    key = (scheme, bucket if per_bucket else None, *(os.environ.get(v) for v in ENV_VARS))
     fs = _FILESYSTEMS.get(key)
     if fs is None:
         if scheme == "s3":
-            # pyarrow reads AWS_ENDPOINT_URL itself; an http:// endpoint needs its scheme set
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             kwargs = {}
-            if endpoint:
+            if endpoint:  # pyarrow reads it too, but an http:// server needs its scheme set
                 scheme_, _, host = endpoint.partition("://")
                 kwargs = {"endpoint_override": host or scheme_, "scheme": scheme_ if host else "https"}
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
             if region:
                 kwargs["region"] = region
+            elif per_bucket:
+                try:
+                    kwargs["region"] = pafs.resolve_s3_region(bucket)
+                except OSError:
+                    pass  # no such bucket, or no network: the request itself will say so
             fs = pafs.S3FileSystem(**kwargs)
         else:
             fs = pafs.GcsFileSystem()
@@ -176,7 +176,7 @@ class ObjectPath:
     # --- requests ----------------------------------------------------------------------------
     @property
     def fs(self):
-        return filesystem(self.scheme)
+        return filesystem(self.scheme, self.bucket)
 
     def _info(self):
         with _errors(self):
@@ -373,6 +373,7 @@ def upload_atomic(local_file: Path, target: ObjectPath, temporary_name: str) -> 
     fs = target.fs
     staged = target.with_name(temporary_name)
     size = os.path.getsize(local_file)
+    moved = False
     try:
         with _errors(staged):
             pafs.copy_files(str(local_file), staged.key, source_filesystem=pafs.LocalFileSystem(),
@@ -381,12 +382,26 @@ def upload_atomic(local_file: Path, target: ObjectPath, temporary_name: str) -> 
         if uploaded != size:
             raise StorageError(f"{target}: upload incomplete ({uploaded} of {size} bytes); run again")
         with _errors(target):
-            fs.move(staged.key, target.key)
+            fs.move(staged.key, target.key)  # S3: a server-side copy, then the temporary's deletion
+        moved = True
     finally:
-        try:
-            fs.delete_file(staged.key)
-        except OSError:
-            pass  # moved already, or never written
+        if not moved:
+            try:
+                fs.delete_file(staged.key)
+            except OSError:
+                pass  # never written
+
+
+def upload_folder(local: Path, target: ObjectPath) -> None:
+    """Put every file under the local folder `local` at the same relative key under `target`,
+    each atomically (`pools.files.atomic_path`); a caller writes its completion marker after."""
+    import shutil
+
+    from pools.files import atomic_path
+
+    for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        with atomic_path(target / f.relative_to(local).as_posix()) as tmp:
+            shutil.copyfile(f, tmp)
 
 
 def scratch_dir(beside: Union[Path, ObjectPath], name: str) -> Path:

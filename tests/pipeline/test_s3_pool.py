@@ -38,14 +38,16 @@ def s3_pool(tmp_path_factory):
         yield local, centroids, targets
 
 
-STRATEGIES = ["basic", "clip", "image"]  # metadata only; the npz's l14 columns; npz + centroids
+# metadata only; the npz's l14 columns; npz + centroids; global steps (their results in the store)
+STRATEGIES = ["basic", "clip", "image", "semdedup", "negclip"]
 
 
 def _filter(pool, out, centroids, targets, *extra):
     from pipeline.filter import main
 
     return main(["--pool", str(pool), "--strategy", *STRATEGIES, "--centroids", str(centroids), "--targets",
-                 str(targets), "--out", str(out), "--quiet", *extra])
+                 str(targets), "--out", str(out), "--semdedup-clusters", "4", "--negclip-batch-size", "64", "--quiet",
+                 *extra])
 
 
 def test_filter_from_s3_equals_local_and_a_rerun_reuses_the_signals(s3_pool, tmp_path, monkeypatch):
