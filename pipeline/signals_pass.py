@@ -55,7 +55,9 @@ def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec
         out = signals_path(signals_dir, parquet)
         groups, header = groups_to_compute(parquet, out, spec)
         if groups:
-            todo.append((parquet, out))
+            # `pipeline.execution` wraps what it is handed in pathlib.Path: a file in object
+            # storage goes as pathlib leaves its URI (s3:/bucket/...), which the worker repairs
+            todo.append((parquet if isinstance(parquet, Path) else Path(str(parquet)), out))
             continue
         try:
             # The strategies may need columns that the run which stored these signals did not.

@@ -76,37 +76,58 @@ def test_filter_from_s3_equals_local_and_a_rerun_reuses_the_signals(s3_pool, tmp
 
 
 def test_filter_of_an_s3_pool_with_local_signals_on_the_ray_executor(s3_pool, tmp_path, monkeypatch):
-    """The executor hands workers the paths as strings wrapped in pathlib.Path: the URIs survive."""
+    """The executor hands Ray's workers the paths as strings wrapped in pathlib.Path: the URIs
+    survive. (--helpers 0: every file to a Ray task; drop it when the execution layer has no helpers.)"""
+    import json
+
     local, centroids, targets = s3_pool
     monkeypatch.chdir(tmp_path)
     _filter(local, tmp_path / "local", centroids, targets, "--executor", "local")
     _filter(POOL, tmp_path / "remote", centroids, targets, "--signals-dir", str(tmp_path / "signals"),
-            "--executor", "ray", "--num-workers", "2")
+            "--executor", "ray", "--num-workers", "2", "--helpers", "0")
+    manifest = json.loads((tmp_path / "remote" / "manifest.json").read_text())
+    assert manifest["signals"]["computed_by"] == {"ray": 3}
     for name in STRATEGIES:
         assert (tmp_path / "remote" / f"{name}.npy").read_bytes() == (tmp_path / "local" / f"{name}.npy").read_bytes()
     assert len(list((tmp_path / "signals").glob("*.parquet"))) == 3
     assert not (tmp_path / "s3:").exists()
 
 
-def test_reshard_from_s3_equals_local_byte_for_byte(s3_pool, tmp_path):
-    from pipeline.reshard import main
+def test_reshard_from_s3_equals_local_byte_for_byte_and_resumes(s3_pool, tmp_path, monkeypatch):
+    import pipeline.reshard as reshard_mod
     from pipeline.filter import main as filter_main
 
     local, _, _ = s3_pool
     filter_main(["--pool", str(local), "--strategy", "basic", "--out", str(tmp_path / "f"), "--quiet",
                  "--executor", "local"])
     upload_folder(tmp_path / "f", f"s3://{BUCKET}/subsets")
-    common = ["--shard-size", "40", "--max-task-samples", "250", "--no-ray"]
-    main(["--pool", str(local), "--subset", str(tmp_path / "f" / "basic.npy"), "--out", str(tmp_path / "rs"), *common])
-    out = f"s3://{BUCKET}/train/basic"
-    meta = main(["--pool", POOL, "--subset", f"s3://{BUCKET}/subsets/basic.npy", "--out", out, *common])
+    common = ["--shard-size", "40", "--max-task-samples", "250"]
+    reshard_mod.main(["--pool", str(local), "--subset", str(tmp_path / "f" / "basic.npy"), "--out",
+                      str(tmp_path / "rs"), "--no-ray", *common])
     want = {p.name: p.read_bytes() for p in (tmp_path / "rs").iterdir() if p.name != "meta.json"}
+    out = f"s3://{BUCKET}/train/basic"
+    args = ["--pool", POOL, "--subset", f"s3://{BUCKET}/subsets/basic.npy", "--out", out, *common]
+
+    # killed after the tasks, before their shards are moved into place: the task markers are in the store
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reshard_mod, "_finalize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        reshard_mod.main([*args, "-j", "2"])  # Ray tasks: they get the URIs as strings
+    parts = object_bytes(f"{out}/_parts")
+    assert "plan.json" in parts and sum(n.endswith(".found.npy") for n in parts) == 3
+    monkeypatch.undo()
+    redone = []
+    real_task = reshard_mod.reshard_task
+    monkeypatch.setattr(reshard_mod, "reshard_task", lambda *a, **k: redone.append(a) or real_task(*a, **k))
+    meta = reshard_mod.main([*args, "--no-ray"])
+    assert redone == []  # the rerun only moved the finished tasks' shards into place
     got = object_bytes(out)
     assert {n: b for n, b in got.items() if n != "meta.json"} == want
-    assert meta["output_count"] > 0 and meta["tasks"] > 1
+    assert meta["output_count"] > 0 and meta["tasks"] == 3
     assert not any(n.startswith(".") or n == "_parts" for n in got)
-    again = main(["--pool", POOL, "--subset", f"s3://{BUCKET}/subsets/basic.npy", "--out", out, *common])
-    assert again == meta  # finished: nothing redone
+    assert reshard_mod.main([*args, "--no-ray"]) == meta  # finished: nothing redone
 
 
 def test_score_of_an_s3_pool_equals_scoring_the_local_copy(s3_pool, checkpoints, tmp_path):
