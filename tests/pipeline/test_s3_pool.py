@@ -39,6 +39,17 @@ def s3_pool(tmp_path_factory):
 
 
 # metadata only; the npz's l14 columns; npz + centroids; global steps (their results in the store)
+@pytest.fixture
+def own_ray():
+    """A Ray that an earlier test left running in this process has worker processes started before
+    the loopback server's variables were set (they would ask the real AWS): start our own."""
+    from pipeline.cluster import leave_ray
+
+    leave_ray()
+    yield
+    leave_ray()
+
+
 STRATEGIES = ["basic", "clip", "image", "semdedup", "negclip"]
 
 
@@ -75,7 +86,7 @@ def test_filter_from_s3_equals_local_and_a_rerun_reuses_the_signals(s3_pool, tmp
     assert not (tmp_path / "s3:").exists()
 
 
-def test_filter_of_an_s3_pool_with_local_signals_on_the_ray_executor(s3_pool, tmp_path, monkeypatch):
+def test_filter_of_an_s3_pool_with_local_signals_on_the_ray_executor(s3_pool, tmp_path, monkeypatch, own_ray):
     """The executor hands Ray's workers the paths as strings wrapped in pathlib.Path: the URIs
     survive. (--helpers 0: every file to a Ray task; drop it when the execution layer has no helpers.)"""
     import json
@@ -93,7 +104,7 @@ def test_filter_of_an_s3_pool_with_local_signals_on_the_ray_executor(s3_pool, tm
     assert not (tmp_path / "s3:").exists()
 
 
-def test_reshard_from_s3_equals_local_byte_for_byte_and_resumes(s3_pool, tmp_path, monkeypatch):
+def test_reshard_from_s3_equals_local_byte_for_byte_and_resumes(s3_pool, tmp_path, monkeypatch, own_ray):
     import pipeline.reshard as reshard_mod
     from pipeline.filter import main as filter_main
 
