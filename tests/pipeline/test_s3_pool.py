@@ -168,6 +168,18 @@ def test_score_of_an_s3_pool_equals_scoring_the_local_copy(s3_pool, checkpoints,
     assert main(["--pool", remote, *args])["signature"] == got["signature"]  # already scored: nothing redone
 
 
+def test_centroids_of_an_s3_pool_equal_the_local_copys(s3_pool, tmp_path):
+    from pipeline.centroids import main
+
+    local, _, _ = s3_pool
+    args = ["--scale", "tiny", "--k", "8", "--executor", "local"]
+    want = main(["--pool", str(local), "--out", str(tmp_path / "c.npy"), "--signals-dir", str(tmp_path / "sig"), *args])
+    got = main(["--pool", POOL, "--out", f"s3://{BUCKET}/centroids/c.npy", *args])  # signals beside them
+    assert object_bytes(f"s3://{BUCKET}/centroids")["c.npy"] == (tmp_path / "c.npy").read_bytes()
+    assert got["sampled"] == want["sampled"] > 0
+    assert len(object_bytes(f"s3://{BUCKET}/centroids/signals")) == 3
+
+
 @pytest.mark.parametrize("case", ["missing bucket", "missing pool", "bad credentials"])
 def test_object_storage_errors_are_one_line_naming_the_uri(s3_pool, tmp_path, case):
     from moto.core.authorization import enable_iam_authentication
