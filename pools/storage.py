@@ -409,7 +409,8 @@ def scratch_dir(beside: Union[Path, ObjectPath], name: str) -> Path:
     output when that is local, in the system's temporary folder when it is an object."""
     if not isinstance(beside, ObjectPath):
         return Path(beside) / name
-    return Path(tempfile.gettempdir()) / f"datacomp-scratch-{beside.bucket}-{uuid.uuid5(uuid.NAMESPACE_URL, str(beside)).hex[:12]}" / name
+    # one level, so that removing the folder leaves nothing behind
+    return Path(tempfile.gettempdir()) / f"datacomp-scratch-{uuid.uuid5(uuid.NAMESPACE_URL, str(beside)).hex[:12]}{name}"
 
 
 def rmtree(target: Union[Path, ObjectPath]) -> None:

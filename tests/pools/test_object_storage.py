@@ -148,3 +148,5 @@ def test_subset_writer_spills_its_runs_locally_for_an_object(s3, tmp_path):
         assert writer.close() == 5000
     assert storage.read_bytes(f"{s3}/subsets/s.npy") == (tmp_path / "s.npy").read_bytes()
     assert sorted(object_bytes(f"{s3}/subsets")) == ["s.npy"]
+    scratch = storage.scratch_dir(storage.path(f"{s3}/subsets"), "")
+    assert not list(scratch.parent.glob(scratch.name + "*"))  # the sorted runs' local folder is gone
