@@ -30,6 +30,7 @@ import numpy as np
 
 from filters.expressions import all_pass, rule_columns, signal_frame
 from filters.image_based import missing_embedding_mask
+from pools import storage
 from pools.files import atomic_path, write_json_atomic
 from pools.format import PoolFormatError, load_npz
 from pools.scales import SCALES, get_scale
@@ -115,7 +116,7 @@ def collect_embeddings(files: list[Path], signals_dir: Path, *, ratio: float, se
     for i, (parquet, table) in enumerate(tables):
         import pyarrow.parquet as pq
 
-        n = table.num_rows if table is not None else pq.ParquetFile(parquet).metadata.num_rows
+        n = table.num_rows if table is not None else pq.ParquetFile(storage.readable(parquet)).metadata.num_rows
         emb = load_npz(parquet, (key,), n)[key]
         if table is not None:
             emb = emb[all_pass(signal_frame(table), [r.expr for r in prefilter.rules])]
@@ -141,20 +142,20 @@ def main(argv: list[str] | None = None) -> dict:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m pipeline.centroids --pool data/tiny --scale tiny --k 64\n"
                "  python -m pipeline.filter --pool data/tiny --strategy image --targets in1k.npy --out subsets")
-    parser.add_argument("--pool", type=Path, help="pool folder (default <data root>/<scale>)")
+    parser.add_argument("--pool", type=storage.path, help="pool folder (default <data root>/<scale>)")
     parser.add_argument("--scale", default="tiny", choices=list(SCALES), help="picks k and the sample ratio "
                         "(default %(default)s)")
-    parser.add_argument("--data-root", type=Path, help="folder of pools, one per scale (default $DATACOMP_DATA_ROOT or ./data)")
+    parser.add_argument("--data-root", type=storage.path, help="folder of pools, one per scale (default $DATACOMP_DATA_ROOT or ./data)")
     parser.add_argument("--k", type=int, help="number of centroids (default: the scale's, 100,000 for "
                         "DataComp's scales, 64 for tiny)")
     parser.add_argument("--sample-ratio", type=float, help="fraction of each file's rows sampled with "
                         "replacement; -1 = all (default: the scale's: -1, -1, -1, 0.3, 0.03)")
-    parser.add_argument("--out", type=Path, help="centroids .npy (default <pool>/centroids/<scale>_centroids_l14.npy)")
+    parser.add_argument("--out", type=storage.path, help="centroids .npy (default <pool>/centroids/<scale>_centroids_l14.npy)")
     parser.add_argument("--seed", type=int, default=0, help="k-means and sampling seed (default 0)")
     parser.add_argument("--niter", type=int, default=20, help="k-means iterations (default 20)")
     parser.add_argument("--no-caption-filter", action="store_true",
                         help="cluster every row (DataComp's --disable_caption_filtering)")
-    parser.add_argument("--signals-dir", type=Path, help="the pool's signals folder, read or filled "
+    parser.add_argument("--signals-dir", type=storage.path, help="the pool's signals folder, read or filled "
                         "(default <pool>/signals, shared with pipeline.filter)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="k-means on faiss GPUs when available (auto, default), or force cpu/gpu")

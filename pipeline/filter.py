@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from filters.arrays import from_numpy, to_numpy
 from filters.clip_score import DescendingRankSelector, threshold_rank
+from pools import storage
 from pools.files import remove_stale_temporaries, sha256_file, write_json_atomic
 from pools.format import (SCORE_COLUMNS, Pool, PoolFormatError, empty_columns, npz_keys, read_metadata,
                           score_fix)
@@ -65,22 +66,28 @@ class FilterError(RuntimeError):
 
 
 def default_data_root() -> Path:
-    return Path(os.environ.get(DATA_ROOT_ENV, "data"))
+    return storage.path(os.environ.get(DATA_ROOT_ENV, "data"))
 
 
 def default_pool(scale: str, data_root: Path | None = None) -> Path:
     """Where a scale's pool lives under the data root: ``<root>/<scale>``."""
-    return Path(data_root if data_root is not None else default_data_root()) / scale
+    return storage.path(data_root if data_root is not None else default_data_root()) / scale
 
 
 def default_centroids(pool: Path, scale: str) -> Path:
     """Where `pipeline.centroids` writes a pool's centroids by default."""
-    return Path(pool) / "centroids" / f"{scale}_centroids_l14.npy"
+    return storage.path(pool) / "centroids" / f"{scale}_centroids_l14.npy"
 
 
 def default_signals_dir(pool: Path, out: Path | None = None) -> Path:
     """A pool's signals table: ``<pool>/signals``, shared by every run over the pool; when the
-    pool folder is read-only, ``<out>/signals``."""
+    pool folder is read-only, ``<out>/signals``. A pool in object storage counts as read-only
+    (a bucket is often shared, and signals written to it would need the signals pass's
+    workers to write there too): pass ``--signals-dir <pool>/signals`` to keep them there."""
+    if isinstance(pool, storage.ObjectPath):
+        if out is None:
+            raise FilterError(f"{pool} is in object storage: pass --signals-dir")
+        return storage.path(out) / "signals"
     candidate = Path(pool) / "signals"
     if candidate.is_dir() and os.access(candidate, os.W_OK):
         return candidate
@@ -144,6 +151,10 @@ def _log(cfg: FilterConfig, msg: str) -> None:
 def pool_files(pool_dir: Path, scale: str) -> list[Path]:
     """The pool's metadata files, or a clear error saying how to get a pool."""
     pool = Pool(pool_dir)
+    if not pool.metadata_dir.is_dir() and isinstance(pool.root, storage.ObjectPath):
+        storage.check_bucket(pool.root)
+        raise FilterError(f"no pool at {pool_dir}: {pool.metadata_dir}/ holds no objects (check the URI, and "
+                          "AWS_ENDPOINT_URL for an S3-compatible server)")
     if not pool.metadata_dir.is_dir():
         from pools.download import HUB_SCALES
 
@@ -265,10 +276,10 @@ def check_inputs(cfg: FilterConfig, files: Sequence[Path], specs: Mapping[str, S
                     checked[need] = missing_embeddings(files, need[4:], cfg.pool, f"strategies reading {need[4:]}")
                 elif need == "model:centroids":
                     path = cfg.centroids or default_centroids(cfg.pool, cfg.scale)
-                    checked[need] = None if Path(path).is_file() else (
+                    checked[need] = None if storage.path(path).is_file() else (
                         f"no centroids at {path}: make them with `python -m pipeline.centroids --pool "
                         f"{cfg.pool} --scale {cfg.scale}` or pass --centroids FILE (.npy or DataComp's .pt)")
-                    centroids_path = Path(path) if Path(path).is_file() else centroids_path
+                    centroids_path = storage.path(path) if storage.path(path).is_file() else centroids_path
                 elif MODELS[need[6:]].needs_eval_sets:
                     checked[need] = None if cfg.eval_sets else (
                         "no evaluation sets: pass --eval-sets with the eval images' folders (embedded with "
@@ -377,7 +388,7 @@ def load_image_inputs(cfg: FilterConfig, centroids_path: Path, device: str | Non
     targets, described = resolve_targets(cfg.targets, model=cfg.targets_model,
                                          pretrained=cfg.targets_pretrained, device=device or "cpu")
     ids = target_centroid_ids(targets, centroids, device=device)
-    return ImageInputs(centroids_path=Path(centroids_path), centroids=centroids, target_ids=ids,
+    return ImageInputs(centroids_path=storage.path(centroids_path), centroids=centroids, target_ids=ids,
                        targets=described)
 
 
@@ -519,7 +530,7 @@ def signals_reader(signals_dir: Path, columns: Sequence[str], skipped: dict[str,
             return None
         sig = signals_path(signals_dir, path)
         try:
-            pf = pq.ParquetFile(sig)
+            pf = pq.ParquetFile(storage.readable(sig))
             present = [c for c in columns if c in pf.schema_arrow.names]
             missing = [c for c in columns if c not in present]
             if missing:
@@ -1068,11 +1079,11 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m pipeline.filter --pool P --strategy image --centroids C.npy "
                "--targets in1k_clip_vit_l14_{0,1,2,3,4}.pt --out subsets\n")
     g = parser.add_argument_group("pool")
-    g.add_argument("--pool", type=Path, help="pool folder (metadata/*.parquet [+ .npz]); default: "
+    g.add_argument("--pool", type=storage.path, help="pool folder (metadata/*.parquet [+ .npz]); default: "
                    "<data root>/<scale>")
     g.add_argument("--scale", default="tiny", choices=list(SCALES),
                    help="the pool's scale: picks the default pool and centroids (default %(default)s)")
-    g.add_argument("--data-root", type=Path, default=None,
+    g.add_argument("--data-root", type=storage.path, default=None,
                    help=f"folder holding one pool per scale (default ${DATA_ROOT_ENV} or ./data)")
     g = parser.add_argument_group("strategies")
     g.add_argument("--strategy", nargs="+", default=["all"], metavar="NAME_OR_FILE",
@@ -1087,7 +1098,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--fraction", type=float, help="keep the top fraction of the whole pool by CLIP score "
                     "(default 0.3 when --threshold is not given): score >= the (int(N*f)+1)-th largest")
     ex.add_argument("--threshold", type=float, help="keep CLIP score >= this value")
-    g.add_argument("--centroids", type=Path, help="pool centroids for image/image_clip: a float32 .npy of "
+    g.add_argument("--centroids", type=storage.path, help="pool centroids for image/image_clip: a float32 .npy of "
                    "shape (K, 768) or DataComp's {scale}_centroids_l14.pt (default "
                    "<pool>/centroids/<scale>_centroids_l14.npy, as `pipeline.centroids` writes it)")
     g.add_argument("--targets", type=Path, nargs="+", default=[], help="target image embeddings: .npy "
@@ -1123,8 +1134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher temperature for negCLIPLoss (default %(default)s, OpenAI CLIP's)")
     g.add_argument("--negclip-seed", type=int, default=0, help="seed of negCLIPLoss's random batches")
     g = parser.add_argument_group("output")
-    g.add_argument("--out", type=Path, help="folder for <strategy>.npy, stats.json, manifest.json")
-    g.add_argument("--signals-dir", type=Path, help="where the pool's per-file signals are stored and "
+    g.add_argument("--out", type=storage.path, help="folder for <strategy>.npy, stats.json, manifest.json")
+    g.add_argument("--signals-dir", type=storage.path, help="where the pool's per-file signals are stored and "
                    "reused (default <pool>/signals, or <out>/signals when the pool is read-only)")
     g.add_argument("--on-bad-file", choices=["error", "skip"], default="error",
                    help="an unreadable or malformed metadata file stops the run (default) or is skipped "

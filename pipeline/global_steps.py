@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.execution import Execution
-from pools.files import file_fingerprint, owner_is_dead, owner_tag
+from pools import storage
+from pools.files import file_fingerprint, owner_is_dead, owner_tag, write_json_atomic
 from pools.format import Pool
 
 RESULT_FILE = "result.json"
@@ -77,7 +78,7 @@ def result_key(name: str, settings, fingerprints: Mapping) -> str:
 
 def pool_rows(files: Sequence[Path]) -> list[int]:
     """Rows of each metadata file, from the parquet footers."""
-    return [pq.ParquetFile(p).metadata.num_rows for p in files]
+    return [pq.ParquetFile(storage.readable(p)).metadata.num_rows for p in files]
 
 
 def run_global_step(name: str, files: Sequence[Path], settings, signals_dir: Path, execution: Execution,
@@ -87,10 +88,24 @@ def run_global_step(name: str, files: Sequence[Path], settings, signals_dir: Pat
     step = GLOBAL_STEPS[name]
     fingerprints = input_fingerprints(files)
     key = result_key(name, settings, fingerprints)
-    root = Path(signals_dir) / "global" / name
+    root = storage.path(signals_dir) / "global" / name
     folder = root / key
     if (folder / RESULT_FILE).is_file():
         log(f"{name}: reusing {folder}")
+        return folder
+    if isinstance(root, storage.ObjectPath):
+        # Object storage renames no folders: computed locally, uploaded file by file, and the
+        # result file (what marks the step finished) written last.
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix=f"datacomp-{name}-"))
+        try:
+            counts = step.run(files, settings, work, execution)
+            storage.upload_folder(work, folder)
+            write_json_atomic(folder / RESULT_FILE, {"step": name, "key": key, "settings": asdict(settings),
+                                                     "inputs": fingerprints, **counts})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return folder
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".*.tmp-*"):  # what a killed run of this step left (the owner: <pid>@<host>)
@@ -116,14 +131,14 @@ def run_global_step(name: str, files: Sequence[Path], settings, signals_dir: Pat
 
 def write_file_columns(folder: Path, parquet: Path, columns: Mapping[str, np.ndarray]) -> None:
     """One metadata file's columns of a step (inside the step's temporary folder)."""
-    np.savez(Path(folder) / f"{Path(parquet).stem}.npz", **columns)
+    np.savez(Path(folder) / f"{storage.path(parquet).stem}.npz", **columns)
 
 
 class StepResult:
     """A finished step's folder, as a worker reads it: the columns of one metadata file."""
 
     def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
+        self.folder = storage.path(folder)
         try:
             self.record = json.loads((self.folder / RESULT_FILE).read_text())
         except (OSError, ValueError) as exc:
@@ -134,7 +149,7 @@ class StepResult:
         if not path.is_file():
             raise GlobalStepError(f"{path} is missing: the global step {self.record['step']} did not cover "
                                   f"{file_name}")
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(storage.whole(path), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
 
 

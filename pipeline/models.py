@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.assets import (DEFAULT_NLTK_DATA, ensure_nltk_wordnet, fasttext_lid_model_path,
                              imagenet21k_offsets, imagenet21k_synsets_path)
+from pools import storage
 from pools.files import atomic_path, file_fingerprint
 
 CACHE_DIR = Path(os.environ.get("DATACOMP_CACHE", Path.home() / ".cache" / "datacomp"))
@@ -263,10 +264,21 @@ def _as_matrix(obj, path: Path, what: str) -> np.ndarray:
 
 
 def load_matrix(path: str | os.PathLike, what: str) -> np.ndarray:
-    """A 2-D float array from ``.npy``, ``.npz`` (first array) or a torch ``.pt`` file."""
-    path = Path(path)
+    """A 2-D float array from ``.npy``, ``.npz`` (first array) or a torch ``.pt`` file (local,
+    or an object in object storage: read from a local copy)."""
+    path = storage.path(path)
     if not path.is_file():
         raise ModelInputError(f"{what} file {path} does not exist")
+    if isinstance(path, storage.ObjectPath):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="datacomp-matrix-") as folder:
+            local = Path(folder) / path.name
+            local.write_bytes(path.read_bytes())
+            try:
+                return load_matrix(local, what)
+            except ModelInputError as exc:
+                raise ModelInputError(str(exc).replace(str(local), str(path))) from None
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tarfile
 import time
@@ -53,6 +52,7 @@ from tqdm import tqdm
 from pipeline.cluster import RayStartError, current_node
 from pipeline.execution import Execution, Stage, add_execution_flags, execution_from_args, run_stage
 from pools.cli import one_line_errors
+from pools import storage
 from pools.files import atomic_path, file_fingerprint, remove_stale_temporaries, write_json_atomic
 from pools.format import SAMPLES_PER_SHARD, SHARD_FORMAT, SHARD_STATS_FORMAT, Pool, PoolFormatError
 from pools.tars import MEMBERS_SKIPPED, iter_samples
@@ -269,7 +269,7 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int, o
     while True:
         shards = tuple(s for s in task.shards if s.path not in {f["path"] for f in failed})
         try:
-            result, found = _write_task(shards, subset_file, Path(part_dir), shard_size, output_shard_format,
+            result, found = _write_task(shards, subset_file, storage.path(part_dir), shard_size, output_shard_format,
                                         on_bad_shard == "skip", set(skip_samples))
             break
         except _BadShard as bad:
@@ -277,7 +277,7 @@ def reshard_task(task: Task, subset_file: str, part_dir: str, shard_size: int, o
                            "expected_samples": bad.shard.size, "reason": bad.reason})
     result = {"task_id": task.task_id, **result, "node": current_node(), "input_shards_failed": failed,
               "skip_samples": sorted(skip_samples)}
-    folder = Path(part_dir)
+    folder = storage.path(part_dir)
     with atomic_path(folder.with_suffix(".found.npy")) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, found)
@@ -289,7 +289,7 @@ def _write_task(shards: tuple[InputShard, ...], subset_file: str, folder: Path, 
                 output_shard_format: str, skip_bad: bool, skip_samples: set[int]) -> tuple[dict, np.ndarray]:
     subset = read_subset(subset_file)
     if folder.exists():
-        shutil.rmtree(folder)  # leftovers of an interrupted attempt
+        storage.rmtree(folder)  # leftovers of an interrupted attempt
     folder.mkdir(parents=True)
     counts = dict.fromkeys(TASK_COUNTERS, 0)
     found: list[tuple[int, int]] = []
@@ -298,7 +298,7 @@ def _write_task(shards: tuple[InputShard, ...], subset_file: str, folder: Path, 
     try:
         for shard in shards:
             seen = 0
-            counts["input_bytes"] += os.path.getsize(shard.path)
+            counts["input_bytes"] += storage.path(shard.path).stat().st_size
             for files in _shard_samples(shard, counts, skip_bad):
                 sample = shard.data_start + seen
                 seen += 1
@@ -371,7 +371,7 @@ def _prepare_output(cfg: ReshardConfig, signature: dict) -> str:
     plan_file = parts / "plan.json"
     meta_file = out / META_FILE
     if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
+        storage.rmtree(out)
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("plan_signature") == signature:
@@ -434,7 +434,7 @@ def _run_tasks(cfg: ReshardConfig, tasks: list[Task], total_samples: int,
 def _found_samples(cfg: ReshardConfig, tasks: list[Task]) -> np.ndarray:
     """Every selected sample's (subset row, input sample number), from the tasks' found files."""
     parts = cfg.output_dir / PARTS_DIR
-    found = [np.load(parts / f"task_{t.task_id:05d}.found.npy", allow_pickle=False) for t in tasks]
+    found = [np.load(storage.whole(parts / f"task_{t.task_id:05d}.found.npy"), allow_pickle=False) for t in tasks]
     return np.concatenate(found) if found else np.empty(0, dtype=FOUND_DTYPE)
 
 
@@ -482,7 +482,7 @@ def _finalize(cfg: ReshardConfig, results: list[dict]) -> int:
             src = part_dir / cfg.output_shard_format.format(local_id)
             dst = out / cfg.output_shard_format.format(global_id)
             if src.is_file():
-                os.replace(src, dst)
+                storage.replace(src, dst)
             elif not dst.is_file():
                 raise FileNotFoundError(f"{src} is missing and {dst} was never written; rerun with "
                                         "--overwrite to start this reshard again")
@@ -529,7 +529,7 @@ def reshard(cfg: ReshardConfig) -> dict:
         results, execution = _run_tasks(cfg, tasks, total, skips)
     output_shard_count = _finalize(cfg, results)
     with atomic_path(cfg.output_dir / SAMPLE_IDS_FILE) as tmp:
-        shutil.copyfile(cfg.subset_file, tmp)
+        storage.download(cfg.subset_file, tmp)
 
     counts = {k: sum(r[k] for r in results) for k in TASK_COUNTERS}
     subset_size = len(subset)
@@ -565,7 +565,7 @@ def reshard(cfg: ReshardConfig) -> dict:
         "cwd": str(Path.cwd()), "plan_signature": signature,
     }
     write_json_atomic(cfg.output_dir / META_FILE, meta)
-    shutil.rmtree(cfg.output_dir / PARTS_DIR, ignore_errors=True)
+    storage.rmtree(cfg.output_dir / PARTS_DIR)
     return meta
 
 
@@ -603,13 +603,14 @@ def main(argv: list[str] | None = None) -> dict:
                "--out data/train/basic\n\noutput: {:08d}.tar + {:08d}_stats.json shards, sample_ids.npy, "
                "meta.json (counts)")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pool", type=Path, help="pool folder (its shards/ are read)")
-    src.add_argument("-i", "--input-dir", type=Path, help="folder of webdataset shards (the reference's flag)")
-    parser.add_argument("-s", "--subset", "--subset-file", dest="subset", type=Path, required=True,
+    src.add_argument("--pool", type=storage.path, help="pool folder (its shards/ are read), or s3://bucket/pool")
+    src.add_argument("-i", "--input-dir", type=storage.path,
+                     help="folder of webdataset shards (the reference's flag), or s3://bucket/prefix")
+    parser.add_argument("-s", "--subset", "--subset-file", dest="subset", type=storage.path, required=True,
                         help="subset file: sorted uids as a .npy of dtype u8,u8 (or a raw memmap of it); "
                              "a uid listed k times is written k times")
-    parser.add_argument("-o", "--out", "--output-dir", dest="out", type=Path, required=True,
-                        help="output folder for the training shards")
+    parser.add_argument("-o", "--out", "--output-dir", dest="out", type=storage.path, required=True,
+                        help="output folder for the training shards, or s3://bucket/prefix")
     parser.add_argument("--shard-size", type=int, default=SAMPLES_PER_SHARD,
                         help="maximum samples per output shard (default %(default)s)")
     parser.add_argument("--max-task-samples", type=int, default=ReshardConfig.max_task_samples,

@@ -45,7 +45,6 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +59,7 @@ from tqdm import tqdm
 from pipeline.cluster import current_node
 from pipeline.execution import Execution, Stage, add_execution_flags, execution_from_args, run_stage
 from pools.cli import one_line_errors
+from pools import storage
 from pools.files import atomic_path, remove_stale_temporaries, write_json_atomic
 from pools.format import NPZ_DTYPE, NPZ_KEYS, SCORE_COLUMNS, Pool, PoolFormatError, read_metadata
 from pools.uids import UID_DTYPE, uids_to_records
@@ -72,7 +72,7 @@ SCORER_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 def named_scorers(pool: Path) -> dict[str, Path]:
     """The finished named scorers of a pool: name -> folder (those with a result.json)."""
-    root = Path(pool) / SCORERS_DIR
+    root = storage.path(pool) / SCORERS_DIR
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if SCORER_NAME.fullmatch(p.name) and (p / "result.json").is_file()}
@@ -201,7 +201,7 @@ class ShardEmbedder:
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.model, self.preprocess, self.tokenizer, _ = load_scoring_model(cfg.model, cfg.pretrained,
                                                                             self.device)
-        self.cfg, self.arch, self.out_dir = cfg, arch, Path(out_dir)
+        self.cfg, self.arch, self.out_dir = cfg, arch, storage.path(out_dir)
         self.prefetch = ThreadPoolExecutor(1)
         self.decoders = ThreadPoolExecutor(cfg.decode_threads)
 
@@ -257,7 +257,7 @@ class ShardEmbedder:
                 img_emb[i:i + len(ok)][ok] = img.astype(NPZ_DTYPE)
             decoded_ok[i:i + len(ok)] = ok
         uids = uids_to_records([s[0] for s in samples])
-        out = self.out_dir / (Path(shard).stem + ".npz")
+        out = self.out_dir / (storage.path(shard).stem + ".npz")
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, uid=uids, img=img_emb, txt=txt_emb, decoded=decoded_ok)
@@ -283,7 +283,8 @@ def _shard_failed(cfg: ScoreConfig, out_dir: Path, shard: str, error: str) -> No
     if not cfg.skip_bad_shards:
         raise PoolFormatError(error)
     print(f"warning: skipping {error}", file=sys.stderr)
-    write_json_atomic(_failed_marker(out_dir, Path(shard)), {"shard": Path(shard).name, "reason": error})
+    shard = storage.path(shard)
+    write_json_atomic(_failed_marker(out_dir, shard), {"shard": shard.name, "reason": error})
 
 
 def embed_shards(cfg: ScoreConfig, arch: str, shards: list[Path], out_dir: Path) -> tuple[list[dict], dict | None]:
@@ -317,7 +318,7 @@ def load_staged(out_dir: Path, shards: list[Path]) -> dict[str, np.ndarray]:
     for shard in shards:
         if _failed_marker(out_dir, shard).is_file():
             continue
-        with np.load(out_dir / (shard.stem + ".npz")) as z:
+        with np.load(storage.whole(out_dir / (shard.stem + ".npz"))) as z:
             parts.append({k: z[k] for k in ("uid", "img", "txt", "decoded")})
     merged = {k: np.concatenate([p[k] for p in parts]) if parts else None for k in ("uid", "img", "txt", "decoded")}
     if not parts:
@@ -361,7 +362,7 @@ def write_named_scores(parquet: Path, name: str, staged: dict[str, np.ndarray], 
     """A named scorer's columns for one metadata file: ``<folder>/<stem>.npz``; returns counts."""
     uid = read_metadata(parquet, ["uid"]).column("uid")
     img, txt, scores, found, has_image = _joined(uid, staged, width)
-    with atomic_path(Path(folder) / f"{parquet.stem}.npz") as tmp:
+    with atomic_path(storage.path(folder) / f"{parquet.stem}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{f"score_{name}": scores, f"{name}_img": img, f"{name}_txt": txt})
     return _counts(found, has_image)
@@ -369,7 +370,7 @@ def write_named_scores(parquet: Path, name: str, staged: dict[str, np.ndarray], 
 
 def write_scores(parquet: Path, arch: str, staged: dict[str, np.ndarray]) -> dict[str, int]:
     """Fill one metadata file's score column and npz keys from the staged results; returns counts."""
-    table = pq.read_table(parquet)
+    table = pq.read_table(storage.readable(parquet))
     read_metadata(parquet, ["uid", SCORE_COLUMNS[arch]])  # schema check with a clear error
     n = table.num_rows
     img, txt, scores, found, has_image = _joined(table.column("uid"), staged, ARCH_WIDTH[arch])
@@ -379,7 +380,7 @@ def write_scores(parquet: Path, arch: str, staged: dict[str, np.ndarray]) -> dic
     npz_path = Pool.npz_for(parquet)
     arrays = {}
     if npz_path.is_file():
-        with np.load(npz_path) as z:
+        with np.load(storage.whole(npz_path)) as z:
             arrays = {k: z[k] for k in z.files if k not in (f"{arch}_img", f"{arch}_txt")}
         for k, v in arrays.items():
             if len(v) != n:
@@ -423,7 +424,7 @@ def score_pool(cfg: ScoreConfig) -> dict:
     sig_path = out_dir / "signature.json"
     if out_dir.exists() and (cfg.overwrite or not sig_path.is_file()
                              or json.loads(sig_path.read_text()) != signature):
-        shutil.rmtree(out_dir)  # results of another model or other shards: not reusable
+        storage.rmtree(out_dir)  # results of another model or other shards: not reusable
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(sig_path, signature)
 
@@ -465,13 +466,13 @@ def score_pool(cfg: ScoreConfig) -> dict:
         "embed_s": round(embed_s, 3), "total_s": round(time.perf_counter() - start, 3),
         "timing_per_shard": {k: round(sum(r[k] for r in results), 3)
                              for k in ("read_s", "decode_s", "decode_wait_s", "model_s", "total_s")} if results else {},
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": {k: str(v) if isinstance(v, (Path, storage.ObjectPath)) else v for k, v in asdict(cfg).items()},
         "signature": signature,
     }
     write_json_atomic(summary_path, summary)
     if named:
         write_json_atomic(scorer_dir / "result.json", {"step": "score", **summary})
-    shutil.rmtree(pool.root / STAGING_DIR / arch)
+    storage.rmtree(pool.root / STAGING_DIR / arch)
     if not any((pool.root / STAGING_DIR).iterdir()):
         (pool.root / STAGING_DIR).rmdir()
     return summary
@@ -497,7 +498,8 @@ def main(argv: list[str] | None = None) -> dict:
                "--num-gpus 1 --num-actors 8\n\n"
                "writes clip_<arch>_similarity_score into metadata/*.parquet, <arch>_img/_txt into the npz "
                "beside each, and score_<arch>.json with counts")
-    parser.add_argument("--pool", type=Path, required=True, help="pool folder with metadata/ and shards/")
+    parser.add_argument("--pool", type=storage.path, required=True,
+                        help="pool folder with metadata/ and shards/ (or s3://bucket/pool, gs://bucket/pool)")
     parser.add_argument("--model", required=True,
                         help="a training run folder, a checkpoint file, or a model name (ours, e.g. tiny, or "
                              "open_clip's, e.g. ViT-B-32)")

@@ -39,6 +39,7 @@ from filters.rows import nan_for_null
 from filters.semdedup import KEEP_RULES, NO_OTHER_ROW, cluster_similarities, keep_order, normalised
 from pipeline.execution import Execution, Stage, run_stage
 from pipeline.global_steps import GlobalStep, GlobalStepError, pool_rows, register_global_step, write_file_columns
+from pools import storage
 from pools.format import SCORE_COLUMNS, load_npz, read_metadata
 
 EMBEDDINGS = ("l14_img", "b32_img")
@@ -95,7 +96,7 @@ def _train_centroids(files: Sequence[Path], rows: Sequence[int], s: SemDeDupSett
     if k > valid_rows:
         raise GlobalStepError(
             f"SemDeDup: {k} clusters is more than the {valid_rows} rows with a {s.embedding} embedding in "
-            f"{Path(files[0]).parent.parent if files else 'the pool'}: pass --semdedup-clusters at most "
+            f"{storage.path(files[0]).parent.parent if files else 'the pool'}: pass --semdedup-clusters at most "
             f"{valid_rows} (or leave it out: the default is sqrt(rows))")
     data = np.concatenate(sample) if sample else np.empty((0, 1), np.float32)
     if len(data) < k:  # (a pool whose rows mostly lack an embedding: train on all of them)

@@ -52,6 +52,7 @@ from filters.negclip import normsim_signals
 from filters.rows import precomputed_columns, row_signals
 from filters.text import caption_signals
 from pipeline.models import MODELS, ModelSettings
+from pools import storage
 from pools.files import atomic_path, file_fingerprint
 from pools.format import ARCHS, SCORE_COLUMNS, Pool, PoolFormatError, load_npz, validate_metadata_schema
 
@@ -349,13 +350,13 @@ class SignalsSpec:
 
 
 def signals_path(signals_dir: Path, parquet: Path) -> Path:
-    return Path(signals_dir) / (Path(parquet).stem + ".parquet")
+    return storage.path(signals_dir) / (storage.path(parquet).stem + ".parquet")
 
 
 def read_signals_header(path: Path) -> dict | None:
     """The stored header of a signals file (source fingerprints, rows, group keys, gates), or None."""
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_schema(storage.readable(path)).metadata or {}
     except Exception:
         return None
     raw = meta.get(METADATA_KEY)
@@ -465,10 +466,11 @@ class SignalsWorker:
     def __call__(self, unit: tuple[str, str]) -> dict:
         """The execution layer's unit: (metadata file, its signals file)."""
         parquet, out = unit
-        return self.process(Path(parquet), Path(out))
+        return self.process(storage.path(parquet), storage.path(out))
 
     def process(self, parquet: Path, out: Path) -> dict:
         """Bring one file's signals up to the spec; a summary of what was done."""
+        parquet, out = storage.path(parquet), storage.path(out)
         started = time.perf_counter()
         cpu_started = time.process_time()
         try:
@@ -489,7 +491,7 @@ class SignalsWorker:
 
     def _check_schema(self, parquet: Path) -> pa.Schema:
         try:
-            schema = pq.read_schema(parquet)
+            schema = pq.read_schema(storage.readable(parquet))
         except Exception as exc:
             raise PoolFormatError(f"{parquet}: not a readable parquet file ({exc})") from exc
         validate_metadata_schema(schema, parquet, ("uid", *self.spec.required_columns))
@@ -520,7 +522,7 @@ class SignalsWorker:
         groups = [SIGNAL_GROUPS[g] for g in todo]
         wanted = {c for g in groups for c in (*g.reads, *g.optional_reads)}
         try:
-            source = pq.ParquetFile(parquet).read(columns=[c for c in schema.names if c in wanted])
+            source = pq.ParquetFile(storage.readable(parquet)).read(columns=[c for c in schema.names if c in wanted])
         except Exception as exc:
             raise PoolFormatError(f"{parquet}: failed to read columns {sorted(wanted)} ({exc})") from exc
         n = source.num_rows
@@ -530,8 +532,8 @@ class SignalsWorker:
                 raise PoolFormatError(f"{out}: holds {header['rows']} rows but {parquet} has {n}")
             keep = [c for g, key in header["groups"].items() if g in SIGNAL_GROUPS and todo.get(g) != "new"
                     for c in SIGNAL_GROUPS[g].column_names]
-            existing = pq.ParquetFile(out).schema_arrow.names
-            stored = pq.read_table(out, columns=[c for c in keep if c in existing])
+            existing = pq.ParquetFile(storage.readable(out)).schema_arrow.names
+            stored = pq.read_table(storage.readable(out), columns=[c for c in keep if c in existing])
             columns = {c: stored.column(c) for c in stored.column_names}
         npz: dict[str, np.ndarray] = {}
         gates = dict(header.get("gates", {})) if header is not None else {}
@@ -608,7 +610,7 @@ def iter_signal_tables(files: Sequence[Path], signals_dir: Path, columns: Sequen
     for parquet in files:
         path = signals_path(signals_dir, parquet)
         try:
-            table = pq.ParquetFile(path).read(columns=list(columns))
+            table = pq.ParquetFile(storage.readable(path)).read(columns=list(columns))
         except Exception as exc:
             raise SignalsError(f"{path}: cannot read signal columns {list(columns)} ({exc})") from exc
         yield parquet, table

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from pipeline.execution import Decision, Execution, Stage, run_stage
 from pipeline.signals import SignalsSpec, SignalsWorker, groups_to_compute, signals_path
+from pools import storage
 from pools.format import PoolFormatError
 
 
@@ -22,7 +23,7 @@ def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec
     """Bring the signals of every file up to `spec`; returns one summary per file and how the
     files that needed work were run (None when every file's signals were reused)."""
     execution = execution if execution is not None else Execution()
-    signals_dir = Path(signals_dir)
+    signals_dir = storage.path(signals_dir)
     signals_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
     todo = []
@@ -31,7 +32,7 @@ def run_signals_pass(files: Sequence[Path], signals_dir: Path, spec: SignalsSpec
         out = signals_path(signals_dir, parquet)
         groups, header = groups_to_compute(parquet, out, spec)
         if groups:
-            todo.append((str(parquet), str(out)))
+            todo.append((str(parquet), str(out)))  # local paths or URIs (pools.storage.path reads both)
             continue
         try:
             # The strategies may need columns that the run which stored these signals did not.

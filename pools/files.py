@@ -4,7 +4,9 @@ Every output in this project is written under a temporary name in the destinatio
 and renamed into place, so a killed job never leaves a half-written file that a rerun
 would mistake for finished work. The temporary name says which process on which machine
 writes it (``.<name>.tmp-<pid>@<host>-<random><suffixes>``), so the next run can remove what a
-killed one left (`remove_stale_temporaries`) without touching a live run's files.
+killed one left (`remove_stale_temporaries`) without touching a live run's files. An output
+in object storage (`pools.storage.ObjectPath`) is written the same way: the temporary file is
+local, uploaded under the temporary name beside the final key, then copied to the final key.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+from pools import storage
 
 # `.<name>.tmp-<owner>-<random><suffixes>` (atomic_path), `.<name>.runs-<owner>` (a subset's
 # sorted runs) and `.uid-keys-<owner>` (spilled uid keys), where <owner> is `<pid>@<host>`
@@ -46,17 +52,15 @@ def owner_is_dead(pid: int, host: str) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
     """Delete the temporary files and folders in `folder` whose writer on this machine is gone
     (a killed run's); returns how many."""
-    import shutil
-
     removed = 0
-    folder = Path(folder)
+    folder = storage.path(folder)
     if not folder.is_dir():
         return 0
     for p in folder.glob(".*"):
         m = _TEMPORARY.match(p.name)
         if m and owner_is_dead(int(m["pid"]), m["host"]):
             if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+                storage.rmtree(p)
             else:
                 p.unlink(missing_ok=True)
             removed += 1
@@ -65,10 +69,23 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds."""
-    path = Path(path)
+    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds.
+
+    For an object (`pools.storage.ObjectPath`) the temporary file is local, and the block's
+    success uploads it (`pools.storage.upload_atomic`)."""
+    path = storage.path(path)
+    tmp_name = f".{path.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}{''.join(path.suffixes)}"
+    if isinstance(path, storage.ObjectPath):
+        folder = Path(tempfile.mkdtemp(prefix="datacomp-upload-"))
+        tmp = folder / tmp_name
+        try:
+            yield tmp
+            storage.upload_atomic(tmp, path, tmp_name)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}{''.join(path.suffixes)}")
+    tmp = path.with_name(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -89,11 +106,11 @@ def file_fingerprint(path: str | os.PathLike, *, head_bytes: int = 1 << 20) -> s
     Hashing whole multi-GB npz files on every run would cost more than the work it guards;
     size + mtime + head catches replaced, truncated and regenerated files.
     """
-    path = Path(path)
+    path = storage.path(path)
     st = path.stat()
     h = hashlib.sha256()
     h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         h.update(f.read(head_bytes))
     return h.hexdigest()[:32]
 
@@ -101,7 +118,7 @@ def file_fingerprint(path: str | os.PathLike, *, head_bytes: int = 1 << 20) -> s
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
     """Full sha256 of a file (for downloads and verifying what was written)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -11,7 +11,8 @@ A pool folder looks like DataComp's (reference sections 1 and 2)::
     <pool>/shards/{:08d}_stats.json  img2dataset's per-shard counts ("successes", ...)
 
 Metadata alone (with or without npz) is enough for every filter; shards are needed only to
-reshard and train. The validator raises `PoolFormatError` naming the file and column.
+reshard and train. The validator raises `PoolFormatError` naming the file and column. A pool
+may also live in object storage (``s3://bucket/pool``): paths then are `pools.storage`'s.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pools import storage
 
 SHARD_FORMAT = "{:08d}.tar"
 SHARD_STATS_FORMAT = "{:08d}_stats.json"
@@ -104,7 +107,7 @@ class Pool:
     root: Path
 
     def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "root", storage.path(root))
 
     @property
     def metadata_dir(self) -> Path:
@@ -121,6 +124,8 @@ class Pool:
     def metadata_files(self) -> list[Path]:
         """The pool's parquet files, sorted by name (the order img2dataset reads them in)."""
         if not self.metadata_dir.is_dir():
+            if isinstance(self.root, storage.ObjectPath):
+                storage.check_bucket(self.root)
             raise PoolFormatError(f"{self.metadata_dir} does not exist: a pool needs a metadata/ "
                                   "folder of parquet files")
         files = sorted(p for p in self.metadata_dir.glob("*.parquet") if not p.name.startswith("."))
@@ -186,9 +191,9 @@ def validate_metadata_table(table: pa.Table, path: Path | str,
 
 def read_metadata(path: Path | str, columns: tuple[str, ...] | list[str] | None = None) -> pa.Table:
     """Read (some columns of) one metadata parquet, with a clear error when it is unreadable."""
-    path = Path(path)
+    path = storage.path(path)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(storage.readable(path))
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise PoolFormatError(f"{path}: not a readable parquet file ({exc})") from exc
     wanted = list(columns) if columns is not None else list(METADATA_COLUMN_NAMES)
@@ -221,12 +226,13 @@ def _missing_key_message(npz_path: Path, key: str, present: list[str]) -> str:
 
 def load_npz(parquet: Path | str, keys: tuple[str, ...], expected_rows: int) -> dict[str, np.ndarray]:
     """Load embedding `keys` from the npz beside `parquet`, checking rows and widths."""
-    npz_path = Pool.npz_for(Path(parquet))
+    parquet = storage.path(parquet)
+    npz_path = Pool.npz_for(parquet)
     if not npz_path.is_file():
         raise PoolFormatError(f"{npz_path} is missing: this step needs the embeddings "
-                              f"{', '.join(keys)} beside {Path(parquet).name}")
+                              f"{', '.join(keys)} beside {parquet.name}")
     try:
-        npz = np.load(npz_path)
+        npz = np.load(storage.whole(npz_path))
     except Exception as exc:
         raise PoolFormatError(f"{npz_path}: not a readable npz file ({exc})") from exc
     out = {}
@@ -235,7 +241,7 @@ def load_npz(parquet: Path | str, keys: tuple[str, ...], expected_rows: int) -> 
             if key not in npz.files:
                 raise PoolFormatError(_missing_key_message(npz_path, key, npz.files))
             arr = npz[key]
-            _check_npz_array(npz_path, Path(parquet), key, arr.shape, None, expected_rows)
+            _check_npz_array(npz_path, parquet, key, arr.shape, None, expected_rows)
             out[key] = arr
     return out
 
@@ -258,10 +264,10 @@ def npz_headers(npz_path: Path | str) -> dict[str, tuple[tuple[int, ...], np.dty
     read or decompressed, so checking a 3 GB npz costs a few kilobytes."""
     import zipfile
 
-    npz_path = Path(npz_path)
+    npz_path = storage.path(npz_path)
     out = {}
     try:
-        with zipfile.ZipFile(npz_path) as archive:
+        with zipfile.ZipFile(storage.readable(npz_path)) as archive:
             for name in archive.namelist():
                 if not name.endswith(".npy"):
                     continue
@@ -288,7 +294,7 @@ def validate_npz(parquet: Path | str, expected_rows: int) -> tuple[str, ...]:
     arch's width, one row per parquet row; at least one arch must be there. Other keys (such
     as DataComp's ``dedup``) are allowed. Only the array headers are read.
     """
-    parquet = Path(parquet)
+    parquet = storage.path(parquet)
     npz_path = Pool.npz_for(parquet)
     headers = npz_headers(npz_path)
     archs = []
@@ -316,7 +322,7 @@ def empty_columns(parquet: Path | str, columns: tuple[str, ...] | list[str]) -> 
     """Those of `columns` that the parquet holds but that are null in every row (a score
     column never filled), from the footer's statistics alone. A column the file lacks, or
     whose statistics were not written, is not reported."""
-    md = pq.ParquetFile(parquet).metadata
+    md = pq.ParquetFile(storage.readable(parquet)).metadata
     schema = md.schema.to_arrow_schema()
     out = []
     for name in columns:

@@ -1,7 +1,7 @@
 """Reading webdataset tars as DataComp's resharder does: samples in order, files as raw bytes.
 
 Used by every stage that streams a pool's shards (`pipeline.reshard`, `pipeline.score`,
-`pipeline.report`); nothing is decoded.
+`pipeline.report`); nothing is decoded. A shard may be an object (``s3://...``): it is streamed.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import tarfile
 import zlib
 from typing import Iterator, MutableMapping
 
+from pools import storage
 from pools.format import PoolFormatError
 
 
@@ -47,13 +48,15 @@ def iter_samples(path: str, counts: MutableMapping[str, int] | None = None
     """
     try:
         yield from _samples(path, counts)
+    except storage.StorageError:
+        raise  # the store failed the request (its message names the URI): the tar may be fine
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise PoolFormatError(f"{path}: not a readable tar ({type(exc).__name__}: {exc}); re-download it, "
                               "or move it and its _stats.json out of the shards folder") from None
 
 
 def _samples(path: str, counts: MutableMapping[str, int] | None) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    with tarfile.open(path, mode="r|") as tar:
+    with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         key, files = None, []
         for member in tar:
             if not member.isfile():

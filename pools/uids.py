@@ -8,6 +8,7 @@ Sorting the records is lexicographic on (hi, lo), which equals hex-string order.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from pools import storage
 from pools.files import atomic_path, owner_tag
 
 UID_DTYPE = np.dtype("u8,u8")
@@ -125,7 +127,7 @@ def write_subset(path: str | os.PathLike, records: np.ndarray | Iterable[np.ndar
     if records.dtype != UID_DTYPE:
         raise ValueError(f"subset records must have dtype {UID_DTYPE}, got {records.dtype}")
     records = sort_records(records)
-    path = Path(path)
+    path = storage.path(path)
     if path.suffix != ".npy":
         raise ValueError(f"subset file {path} must end in .npy (np.save format)")
     with atomic_path(path) as tmp:
@@ -151,15 +153,21 @@ def sort_records(records: np.ndarray) -> np.ndarray:
 
 
 def read_subset(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map a subset file: a ``.npy`` of ``u8,u8`` or a raw headerless memmap of it."""
-    path = Path(path)
+    """Memory-map a subset file: a ``.npy`` of ``u8,u8`` or a raw headerless memmap of it.
+    A subset in object storage is read into memory (one request)."""
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"subset file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(64)
+    if isinstance(path, storage.ObjectPath):
+        data = storage.read_bytes(path)
+        head, size, whole = data[:64], len(data), io.BytesIO(data)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size, whole = None, None
     if head.startswith(_NPY_MAGIC):
         try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr = np.load(whole or path, mmap_mode=None if whole else "r", allow_pickle=False)
         except Exception as exc:  # truncated, a bad header, an object array
             raise ValueError(f"{path}: not a readable .npy subset ({exc}); write subsets with "
                              "pools.uids.write_subset or np.save") from None
@@ -171,12 +179,14 @@ def read_subset(path: str | os.PathLike) -> np.ndarray:
     if b"\n" in head and set(head) <= set(b"0123456789abcdefABCDEF\r\n"):
         raise ValueError(f"{path}: a text file (hex uids, one per line?), not a u8,u8 subset: convert it with "
                          "pools.uids.write_subset(out, pools.uids.uids_to_records(lines))")
-    size = path.stat().st_size
+    size = path.stat().st_size if size is None else size
     if size % UID_DTYPE.itemsize:
         raise ValueError(f"{path}: not a .npy file and its size {size} is not a multiple of "
                          f"{UID_DTYPE.itemsize} bytes, so it is not a raw u8,u8 memmap either")
     if size == 0:
         return np.empty(0, dtype=UID_DTYPE)
+    if whole is not None:
+        return np.frombuffer(whole.getbuffer(), dtype=UID_DTYPE)
     return np.memmap(path, dtype=UID_DTYPE, mode="r")
 
 
@@ -248,7 +258,7 @@ class SubsetWriter:
     """
 
     def __init__(self, path: str | os.PathLike, budget_bytes: int | None = None):
-        self.path = Path(path)
+        self.path = storage.path(path)
         if self.path.suffix != ".npy":
             raise ValueError(f"subset file {self.path} must end in .npy (np.save format)")
         self._budget = max(1, (budget_bytes or SPILL_BYTES) // UID_DTYPE.itemsize)
@@ -256,7 +266,7 @@ class SubsetWriter:
         self._buffered = 0
         self._runs: list[Path] = []
         self.count = 0
-        self._run_dir = self.path.with_name(f".{self.path.name}.runs-{owner_tag()}")
+        self._run_dir = storage.scratch_dir(self.path.parent, f".{self.path.name}.runs-{owner_tag()}")
         self.discard()  # what an earlier writer of this process left after an error
 
     def add(self, records: np.ndarray) -> None:
@@ -360,7 +370,7 @@ class RepeatedKeys:
         self._keys: list[np.ndarray] = []  # consecutive positions from self._first: only keys are held
         self._first = 0
         self._buffered = 0
-        self._dir = Path(folder) / f".uid-keys-{owner_tag()}"
+        self._dir = storage.scratch_dir(storage.path(folder), f".uid-keys-{owner_tag()}")
         self._spilled = False
         shutil.rmtree(self._dir, ignore_errors=True)  # what an earlier search of this process left after an error
 
