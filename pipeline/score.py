@@ -136,6 +136,10 @@ def embed_width(model) -> int:
     return int(model.visual.output_dim)
 
 
+class ScoreError(ValueError):
+    """A model or flag the scorer cannot use; the message says what to do."""
+
+
 def resolve_arch(width: int, arch: str | None, model: str) -> str:
     """Which CommonPool columns this model fills; refuses a width CommonPool does not have."""
     if arch is not None and arch not in ARCH_WIDTH:
@@ -143,12 +147,12 @@ def resolve_arch(width: int, arch: str | None, model: str) -> str:
     if arch is None:
         matches = [a for a, w in ARCH_WIDTH.items() if w == width]
         if not matches:
-            raise ValueError(f"{model} makes {width}-d embeddings; CommonPool's columns are b32 (512-d) "
+            raise ScoreError(f"{model} makes {width}-d embeddings; CommonPool's columns are b32 (512-d) "
                              "and l14 (768-d). Score with a model of one of those widths (e.g. train "
                              "the teacher with embed_dim 512 or 768)")
         return matches[0]
     if ARCH_WIDTH[arch] != width:
-        raise ValueError(f"--as {arch} needs {ARCH_WIDTH[arch]}-d embeddings but {model} makes "
+        raise ScoreError(f"--as {arch} needs {ARCH_WIDTH[arch]}-d embeddings but {model} makes "
                          f"{width}-d ones; embeddings are not projected to another width. Use a model "
                          f"with embed_dim {ARCH_WIDTH[arch]}"
                          + (f" or --as {[a for a, w in ARCH_WIDTH.items() if w == width][0]}"
@@ -538,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(exc))
     from pipeline.cluster import RayStartError
 
-    with one_line_errors(argv, PoolFormatError, RayStartError, OSError):  # inputs and outputs; anything else is a bug
+    with one_line_errors(argv, PoolFormatError, ScoreError, RayStartError, OSError):  # inputs and outputs; anything else is a bug
         summary = score_pool(cfg)
     print(describe(summary))
     return summary

@@ -35,14 +35,13 @@ def models():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
+    """A local Ray of this process's own for the module's commands (never another job's)."""
+    from pipeline.cluster import join_ray, leave_ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    started = join_ray(num_cpus=2)
     yield
     if started:
-        ray.shutdown()
+        leave_ray()
 
 
 @pytest.fixture(scope="module")

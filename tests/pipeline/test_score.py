@@ -160,6 +160,14 @@ def test_width_must_match_the_columns(pool, checkpoints):
         main(["--pool", str(root), "--model", str(checkpoints["b32"]), "--as", "l14", "--executor", "local"])
     with pytest.raises(ValueError, match="64-d embeddings; CommonPool's columns are b32"):
         main(["--pool", str(root), "--model", "tiny", "--executor", "local"])
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline.score", "--pool", str(root), "--model", "tiny", "--as",
+                           "b32", "--executor", "local"], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --as b32 needs 512-d embeddings but tiny")
     # nothing was written
     assert read_metadata(Pool(root).metadata_files()[0], ["clip_b32_similarity_score"]).column(0).null_count > 0
     assert not any(Pool.npz_for(p).exists() for p in Pool(root).metadata_files())
