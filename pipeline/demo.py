@@ -84,7 +84,7 @@ class DemoConfig:
     workers: int = 2  # data loader processes per training run
     executor: str = "auto"  # the pipeline stages' --executor (pipeline.execution)
     # trainer.train's --precision for every run; "auto": amp_bf16 where the CPU multiplies bf16
-    # in hardware (AMX: the tiny step ~1.4x cheaper than in fp32), fp32 elsewhere
+    # in hardware (AMX: the tiny step ~1.6x cheaper than in fp32), fp32 elsewhere
     precision: str = "auto"
 
     @property

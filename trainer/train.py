@@ -106,8 +106,8 @@ def autocast_for(precision: str, device: str):
     torch's fused CPU attention kernel is slow in bf16 (fp16, not measured, is treated alike):
     on the tiny model its backward took ~50 ms a call against ~5 ms in fp32, which made
     amp_bf16 slower than fp32 on a CPU whose matmuls are ~7x faster in bf16 (AMX). The math
-    path (matmul, softmax, matmul) has no such cliff: the tiny step fell from ~440 to ~180 ms
-    (bench/profile_step.py, one thread).
+    path (matmul, softmax, matmul) has no such cliff: a bf16 tiny step took ~270 ms of CPU
+    instead of ~570 (the 32-token tiny of then, one thread).
     """
     dtype = AUTOCAST_DTYPES.get(precision)
     if dtype is None:
