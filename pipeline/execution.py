@@ -50,6 +50,8 @@ PROBE_UNITS = 2  # units `auto` runs here to time them; the last one's time is t
 PROCESS_START_S = 1.5  # a spawned worker process: interpreter, imports, its models (measured ~1 s here)
 RAY_WORTH_S = 60.0  # local workers' estimated wall time above which `auto` starts a local Ray
 ACTORS_START_TIMEOUT_S = 600  # model actors must all be up before any unit is handed out
+# The math libraries' thread counts, read when a worker process loads them.
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def default_workers() -> int:
@@ -199,6 +201,11 @@ class StageRun:
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process, initargs=(self.stage,))
         left = deque(indices)
         pending: dict = {}
+        # Each process gets the stage's CPUs for its math libraries (OpenMP, BLAS, faiss), as
+        # Ray does for its workers: by default each would start a thread per core, and
+        # `workers` processes spinning that many threads on the same cores waste CPU time.
+        saved = {k: os.environ.get(k) for k in THREAD_ENV}
+        os.environ.update({k: str(max(1, int(self.stage.cpus))) for k in THREAD_ENV})
         try:
             while left or pending:
                 while left and len(pending) < 2 * workers:  # a few queued per process, not all:
@@ -216,6 +223,11 @@ class StageRun:
                     yield pending.pop(future), self._result(future.result(), "processes")
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def _ray(self, indices) -> Iterator[tuple[int, dict]]:
         import ray

@@ -366,7 +366,8 @@ class RepeatedKeys:
     PARTITION_BITS = 6
 
     def __init__(self, folder: str | os.PathLike, budget_bytes: int | None = None):
-        self._budget = max(1, (budget_bytes or SPILL_BYTES) // KEY_POSITION.itemsize)
+        # (held as 8-byte keys; their positions are added only when they spill)
+        self._budget = max(1, (budget_bytes or SPILL_BYTES) // np.dtype(np.uint64).itemsize)
         self._keys: list[np.ndarray] = []  # consecutive positions from self._first: only keys are held
         self._first = 0
         self._buffered = 0
