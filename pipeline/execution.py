@@ -8,13 +8,14 @@ chosen by ``--executor`` (flags from `add_execution_flags`, the same in every co
 
 - ``local``: this machine only. In this process when there is one worker or too little work to
   pay for starting processes, else a plain process pool of ``--num-workers`` processes, each
-  building its worker (and loading its models) once.
+  building its worker (and loading its models) once, with the stage's CPUs for its math
+  libraries; while the pool starts, this process works on units too.
 - ``ray``: a Ray Data job on the Ray that `pipeline.cluster.join_ray` starts or joins
   (``--ray-address`` / ``$RAY_ADDRESS``): a task pool for per-file maps (each Ray worker process
   keeps its stage worker), an actor pool for model stages (a model per actor).
 - ``auto`` (default): Ray when a cluster address is given; otherwise the work is estimated by
-  running the first unit in this process (models loaded first, so only the unit is timed) and
-  the rest runs
+  running the first `PROBE_UNITS` units in this process (models loaded first; the last one's
+  time, free of one-time costs such as imports, times the units left) and the rest runs
     * in this process, when spreading it over processes would save less than starting them
       (``PROCESS_START_S`` per process: interpreter, imports, models);
     * on a local Ray, when the local workers would need more than ``RAY_WORTH_S`` of wall time
