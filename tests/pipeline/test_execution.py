@@ -67,7 +67,7 @@ def test_auto_spreads_more_work_over_processes(monkeypatch):
     assert results[0]["pid"] == results[1]["pid"] == os.getpid()  # timed here
     by_pool = {results[i]["pid"] for i in range(60) if results[i]["by"] == "processes"}
     here = [i for i in range(2, 60) if results[i]["by"] == "in-process"]
-    assert len(by_pool) == 2 and os.getpid() not in by_pool
+    assert by_pool and os.getpid() not in by_pool  # (how many of the 2 got a unit depends on their start)
     # while the pool started, this process took units from the end of the list
     assert here == list(range(60 - len(here), 60)) and {results[i]["pid"] for i in here} <= {os.getpid()}
     assert all(results[i]["warmed"] for i in range(60))  # each process warms its worker up once
