@@ -39,8 +39,8 @@ from typing import Iterator, Union
 
 SCHEMES = ("s3", "gs")
 _URI = re.compile(r"^(?P<scheme>s3|gs)://(?P<key>[^?#]*)$")
-# What pathlib leaves of a URI (``Path("s3://b/k")`` is ``s3:/b/k``): code outside this module
-# that wraps paths in Path (the signals executor) hands those back, and `path` repairs them.
+# What pathlib leaves of a URI (``Path("s3://b/k")`` is ``s3:/b/k``): a caller that wrapped a
+# URI in Path (a `type=Path` flag, a library) hands that back, and `path` repairs it.
 _FLATTENED = re.compile(r"^(?P<scheme>s3|gs):/(?P<key>[^/].*)$")
 # The AWS SDK's settings that pick the credentials and server: a filesystem is made once per
 # process for each combination of them (a test or notebook may change them between runs).
