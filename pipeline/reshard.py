@@ -400,7 +400,7 @@ class ReshardWorker:
 
     def __call__(self, unit: tuple[Task, tuple[int, ...]]) -> dict:
         task, skip_samples = unit
-        return reshard_task(task, self.subset_file, str(Path(self.parts) / f"task_{task.task_id:05d}"),
+        return reshard_task(task, self.subset_file, str(storage.path(self.parts) / f"task_{task.task_id:05d}"),
                             self.shard_size, self.output_shard_format, self.on_bad_shard, skip_samples)
 
 

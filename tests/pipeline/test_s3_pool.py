@@ -108,6 +108,7 @@ def test_reshard_from_s3_equals_local_byte_for_byte_and_resumes(s3_pool, tmp_pat
     from pipeline.filter import main as filter_main
 
     local, _, _ = s3_pool
+    monkeypatch.chdir(tmp_path)  # where a URI flattened into a local path would land
     filter_main(["--pool", str(local), "--strategy", "basic", "--out", str(tmp_path / "f"), "--quiet",
                  "--executor", "local"])
     upload_folder(tmp_path / "f", f"s3://{BUCKET}/subsets")
@@ -138,6 +139,7 @@ def test_reshard_from_s3_equals_local_byte_for_byte_and_resumes(s3_pool, tmp_pat
     assert meta["output_count"] > 0 and meta["tasks"] == 3
     assert not any(n.startswith(".") or n == "_parts" for n in got)
     assert reshard_mod.main([*args, "--executor", "local"]) == meta  # finished: nothing redone
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_score_of_an_s3_pool_equals_scoring_the_local_copy(s3_pool, checkpoints, tmp_path):
