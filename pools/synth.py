@@ -543,11 +543,14 @@ class RandomEmbeddings:
     pass through it (`_draw_starts`); each draw then gets its own generator that `take` advances.
     """
 
-    def __init__(self, seed: int, n: int, *, chunk_rows: int = 4096, duplicate_group: np.ndarray | None = None):
+    def __init__(self, seed: int, n: int, *, chunk_rows: int = 4096, duplicate_group: np.ndarray | None = None,
+                 eval_copy: np.ndarray | None = None, eval_per_class: int = 0):
         self.n = n
         self._taken = 0
         self._seed = seed
         self._group = duplicate_group  # rows of a planted group get near-copies of one image embedding
+        # rows copying an eval image get near-copies of its embedding (`eval_embeddings`)
+        self._eval_copy, self._eval_per_class = eval_copy, eval_per_class
         self._draws = {}
         for name, state in _draw_starts(seed, n, chunk_rows).items():
             gen = np.random.Generator(np.random.PCG64())
@@ -578,15 +581,33 @@ class RandomEmbeddings:
     def _plant(self, img: np.ndarray, arch: str, first_row: int) -> None:
         """Rows of a planted group: their group's direction plus `DUPLICATE_NOISE` of their own
         (pairwise cosines about 1 / (1 + 0.15^2) = 0.98), drawn per group and per row so they do
-        not depend on how the pool is split into files."""
-        if self._group is None:
-            return
-        groups = self._group[first_row:first_row + len(img)]
-        for j in np.flatnonzero(groups >= 0):
-            base = np.random.default_rng([self._seed, 5, int(groups[j]), img.shape[1]]).standard_normal(img.shape[1])
-            own = np.random.default_rng([self._seed, 6, first_row + int(j), img.shape[1]]).standard_normal(img.shape[1])
-            v = base / np.linalg.norm(base) + DUPLICATE_NOISE * own / np.linalg.norm(own)
+        not depend on how the pool is split into files. Rows copying an eval image: that image's
+        embedding (`eval_embeddings`) plus as much noise (cosine about 0.99 to it)."""
+        dim, rows = img.shape[1], slice(first_row, first_row + len(img))
+        sources: dict[int, np.ndarray] = {}
+        if self._group is not None:
+            groups = self._group[rows]
+            for j in np.flatnonzero(groups >= 0):
+                base = np.random.default_rng([self._seed, 5, int(groups[j]), dim]).standard_normal(dim)
+                sources[int(j)] = base / np.linalg.norm(base)
+        if self._eval_copy is not None and (self._eval_copy[rows, 0] >= 0).any():
+            targets = eval_embeddings(self._seed, self._eval_per_class, dim)
+            copies = self._eval_copy[rows]
+            for j in np.flatnonzero(copies[:, 0] >= 0):
+                sources[int(j)] = targets[copies[j, 0] * self._eval_per_class + copies[j, 1]]
+        for j, base in sources.items():
+            own = np.random.default_rng([self._seed, 6, first_row + j, dim]).standard_normal(dim)
+            v = base + DUPLICATE_NOISE * own / np.linalg.norm(own)
             img[j] = v / np.linalg.norm(v)
+
+
+def eval_embeddings(seed: int, per_class: int, dim: int) -> np.ndarray:
+    """With --random-scores, the eval images' embeddings in the pool's random embedding space
+    (unit rows, float32; row concept * per_class + index, the eval set's order), written as
+    ``eval/<arch>_img.npy``: what the pool's model would give for them, so a contamination
+    check (``--eval-sets synth=<pool>/eval/l14_img.npy``) finds the planted copies."""
+    emb = np.random.default_rng([seed, 12, dim]).standard_normal((len(CONCEPTS) * per_class, dim))
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _draw_starts(seed: int, n: int, chunk_rows: int) -> dict[str, dict]:
@@ -739,8 +760,9 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    if cfg.eval_copies and not cfg.images:
-        raise ValueError("eval copies need images (an eval set): leave out --metadata-only")
+    if cfg.eval_copies and not (cfg.images or cfg.random_scores):
+        raise ValueError("eval copies need images (an eval set) or --random-scores (eval embeddings): "
+                         "leave out --metadata-only or add --random-scores")
     rows = _plan_rows(cfg)
     n = cfg.samples
     if cfg.images:
@@ -751,6 +773,10 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         shard_of, key_of = [-1] * n, [""] * n
         sha_of = [hashlib.sha256(bytes.fromhex(u)).hexdigest() for u in rows.uid]  # no image exists
         eval_count = 0
+    if cfg.random_scores:
+        (tmp / "eval").mkdir(exist_ok=True)
+        for arch, dim in EMBEDDING_WIDTHS:
+            np.save(tmp / "eval" / f"{arch}_img.npy", eval_embeddings(cfg.seed, cfg.eval_per_class, dim))
 
     note = ("CLIP score columns hold random placeholder values (--random-scores), not model output"
             if cfg.random_scores else
@@ -770,7 +796,8 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
     stems = _file_stems(cfg, num_files)
     (tmp / "metadata").mkdir()
     file_of = np.empty(n, dtype=object)
-    random_embeddings = (RandomEmbeddings(cfg.seed, n, duplicate_group=rows.duplicate_group)
+    random_embeddings = (RandomEmbeddings(cfg.seed, n, duplicate_group=rows.duplicate_group,
+                                          eval_copy=rows.eval_copy, eval_per_class=cfg.eval_per_class)
                          if cfg.random_scores else None)
     for f, stem in enumerate(stems):
         lo, hi = f * cfg.rows_per_file, min(n, (f + 1) * cfg.rows_per_file)
@@ -811,6 +838,7 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), *, overwrite: bo
         "composition": _composition(rows), "scores": note,
         "duplicate_groups": {"groups": int(rows.duplicate_group.max() + 1), "rows": int((rows.duplicate_group >= 0).sum())},
         "eval_copies": int((rows.eval_copy[:, 0] >= 0).sum()),
+        "eval_embeddings": [f"eval/{arch}_img.npy" for arch, _ in EMBEDDING_WIDTHS] if cfg.random_scores else [],
     }
     write_json_atomic(tmp / "pool.json", summary)
     if out.exists():
@@ -830,6 +858,9 @@ def describe(out: Path, summary: dict) -> str:
         lines.append(f"  eval set: {summary['eval_images']} images of {summary['eval_classes']} classes: "
                      f"{out / 'eval'}")
     lines.append(f"  {summary['scores']}")
+    if summary.get("eval_embeddings"):
+        lines.append(f"  eval images' embeddings in the same random space: "
+                     f"{', '.join(str(out / p) for p in summary['eval_embeddings'])}")
     lines.append("  caption kinds:")
     for kind, v in summary["composition"]["caption_kind"].items():
         lines.append(f"    {kind:<13} {v['count']:>8}  {v['fraction']:.1%}")
@@ -868,15 +899,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-copies", type=int, default=0,
                         help="rows whose image is a near-copy (re-encoded, resized, cropped) of an eval-set "
                              "image, recorded in ground_truth.parquet (eval_copy_concept, eval_copy_index); "
-                             "default 0, the demo uses 200")
+                             "with --random-scores also a near-copy of that image's embedding in "
+                             "eval/{b32,l14}_img.npy; default 0, the demo uses 200")
     parser.add_argument("--overwrite", action="store_true", help="replace a pool made with other settings")
     args = parser.parse_args(argv)
     if args.samples <= 0:
         parser.error("--samples must be positive")
     if not 0.0 <= args.duplicates <= 1.0:
         parser.error("--duplicates must be a fraction in [0, 1]")
-    if args.eval_copies < 0 or (args.eval_copies and args.metadata_only):
-        parser.error("--eval-copies must be a count >= 0, and needs images (no --metadata-only)")
+    if args.eval_copies < 0 or (args.eval_copies and args.metadata_only and not args.random_scores):
+        parser.error("--eval-copies must be a count >= 0, and needs images (no --metadata-only) or "
+                     "--random-scores (eval embeddings)")
     cfg = SynthConfig(samples=args.samples, seed=args.seed, rows_per_file=args.rows_per_file,
                       shard_size=args.shard_size, image_px=args.image_px,
                       eval_per_class=args.eval_per_class, images=not args.metadata_only,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -88,3 +89,41 @@ def test_eval_embeddings_of_another_width_are_one_line(contaminated, tmp_path):
                            str(tmp_path / "s"), "--executor", "local"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "width 512" in proc.stderr.splitlines()[-1] and "768" in proc.stderr.splitlines()[-1]
+
+
+def test_the_synthetic_pools_planted_eval_copies_are_found_with_their_task_and_image(tmp_path):
+    """pools.synth --random-scores --eval-copies: the copies' embeddings are near-copies of the eval
+    images' (eval/l14_img.npy, the eval set's order); the signal finds exactly those rows."""
+    from pools.synth import main as synth_main
+
+    pool = tmp_path / "pool"
+    synth_main(["--out", str(pool), "--samples", "2000", "--seed", "4", "--rows-per-file", "700", "--metadata-only",
+                "--random-scores", "--duplicates", "0.15", "--eval-copies", "40", "--eval-per-class", "5"])
+    truth = pq.read_table(pool / "ground_truth.parquet").to_pandas()
+    copies = truth.eval_copy_concept.to_numpy() >= 0
+    assert copies.sum() == 40 and (truth.duplicate_group[copies] < 0).all()
+    signals = tmp_path / "signals"
+    stats = main(["--pool", str(pool), "--strategy", "decontaminated", "no_filter", "--eval-sets",
+                  f"synth={pool / 'eval' / 'l14_img.npy'}", "--out", str(tmp_path / "out"), "--signals-dir",
+                  str(signals), "--executor", "local", "--quiet"])
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(signals.glob("*.parquet"))).to_pandas()
+    assert len(table) == len(truth)  # signal files are the metadata files', in the pool's row order
+    sims = table.eval_max_similarity.to_numpy()
+    assert (np.flatnonzero(sims >= 0.95) == np.flatnonzero(copies)).all()
+    assert sims[copies].min() > 0.97 and sims[~copies].max() < 0.3
+    assert (table.eval_task[copies] == "synth").all()
+    want = truth.eval_copy_concept[copies] * 5 + truth.eval_copy_index[copies]
+    assert (table.eval_nearest[copies].to_numpy() == want.to_numpy()).all()
+    assert stats["eval_near_copies"]["pool"] == {"synth": 40}
+    assert stats["eval_near_copies"]["strategies"]["decontaminated"] == {}
+    kept = np.isin(uids_to_records(truth.uid.tolist()), np.load(tmp_path / "out" / "decontaminated.npy"))
+    assert not kept[copies].any()
+
+    # the planted embeddings do not depend on how the pool is split into files
+    again = tmp_path / "again"
+    synth_main(["--out", str(again), "--samples", "2000", "--seed", "4", "--rows-per-file", "2000", "--metadata-only",
+                "--random-scores", "--duplicates", "0.15", "--eval-copies", "40", "--eval-per-class", "5"])
+    split = np.concatenate([np.load(p)["l14_img"] for p in sorted((pool / "metadata").glob("*.npz"))])
+    whole = np.load(next((again / "metadata").glob("*.npz")))["l14_img"]
+    assert np.array_equal(split, whole)
+

@@ -81,3 +81,15 @@ def test_eval_copies_are_near_copies_of_eval_images(planted):
         key = (row.eval_copy_concept, row.eval_copy_index)
         assert _similar(_pixels(eval_image(cfg, *key)), _pixels(eval_images[key])) > 0.99  # what the set holds
         assert _similar(_pixels(images[row.uid]), _pixels(eval_images[key])) > 0.8
+
+
+def test_eval_copies_without_images_need_random_scores(tmp_path, capsys):
+    from pools.synth import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "p"), "--samples", "50", "--metadata-only", "--eval-copies", "5"])
+    assert exit_.value.code == 2 and "--random-scores" in capsys.readouterr().err.splitlines()[-1]
+    summary = main(["--out", str(tmp_path / "p"), "--samples", "50", "--metadata-only", "--random-scores",
+                    "--eval-copies", "5", "--eval-per-class", "2"])
+    assert summary["eval_copies"] == 5 and summary["eval_embeddings"] == ["eval/b32_img.npy", "eval/l14_img.npy"]
+    assert np.load(tmp_path / "p" / "eval" / "l14_img.npy").shape == (summary["config"]["eval_per_class"] * 36, 768)
