@@ -58,22 +58,37 @@ def _logsumexp_rows_and_columns(img: np.ndarray, txt: np.ndarray, tau: float,
     return rows + 1.0 / tau, np.log(col_sum) + 1.0 / tau
 
 
+def batch_penalty(image: np.ndarray, text: np.ndarray, *, tau: float = OPENAI_CLIP_TAU,
+                  block_elements: int = 1 << 24) -> np.ndarray:
+    """One random batch's share of the penalty, per pair: logsumexp_j(s_ij / tau) +
+    logsumexp_j(s_ji / tau) over the batch (float64; the embeddings are normalised here)."""
+    rows, cols = _logsumexp_rows_and_columns(normalised(image), normalised(text), tau, block_elements)
+    return rows + cols
+
+
+def negclip_from_penalty(score: np.ndarray, penalty: np.ndarray, rounds: int, tau: float) -> np.ndarray:
+    """negCLIPLoss (float32) from the CLIP score s_ii and the penalties summed over `rounds` rounds."""
+    return (np.asarray(score, dtype=np.float64) - tau / (2 * max(1, rounds)) * penalty).astype(np.float32)
+
+
 def negclip_loss(image: np.ndarray, text: np.ndarray, batches: list[list[np.ndarray]], *,
                  tau: float = OPENAI_CLIP_TAU, block_elements: int = 1 << 24) -> np.ndarray:
-    """negCLIPLoss of every row (float32) over the `batches` of each round (`random_batches`)."""
+    """negCLIPLoss of every row (float32) over the `batches` of each round (`random_batches`),
+    all in memory (`pipeline.negclip` runs the batches as units of a stage instead)."""
     if not tau >= MIN_TAU:
         raise ValueError(f"tau must be at least {MIN_TAU} (CLIP's learned temperature is clamped at 0.01), got {tau}")
-    img, txt = normalised(image), normalised(text)
-    if img.shape != txt.shape:
-        raise ValueError(f"image embeddings {img.shape} and text embeddings {txt.shape} differ in shape")
-    score = np.einsum("ij,ij->i", img, txt).astype(np.float64)
-    penalty = np.zeros(len(img), dtype=np.float64)
+    if image.shape != text.shape:
+        raise ValueError(f"image embeddings {image.shape} and text embeddings {text.shape} differ in shape")
+    penalty = np.zeros(len(image), dtype=np.float64)
     for batches_of_round in batches:
         for batch in batches_of_round:
-            rows, cols = _logsumexp_rows_and_columns(img[batch], txt[batch], tau, block_elements)
-            penalty[batch] += rows + cols
-    rounds = max(1, len(batches))
-    return (score - tau / (2 * rounds) * penalty).astype(np.float32)
+            penalty[batch] += batch_penalty(image[batch], text[batch], tau=tau, block_elements=block_elements)
+    return negclip_from_penalty(pair_scores(image, text), penalty, len(batches), tau)
+
+
+def pair_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """s_ii: each pair's cosine similarity (float64)."""
+    return np.einsum("ij,ij->i", normalised(image), normalised(text)).astype(np.float64)
 
 
 def max_similarity(image: np.ndarray, targets: np.ndarray, *, block_rows: int = 1024,
