@@ -100,8 +100,9 @@ def run_negclip(files: Sequence[Path], s: NegClipSettings, folder: Path, executi
     for i, _ in tqdm(run_stage(stage, units, execution), total=len(units), desc=f"negCLIPLoss {s.arch} batches",
                      unit="batch", file=sys.stderr, disable=len(units) < 2):
         penalty[units[i][1]] += np.load(work / f"penalty_{i}.npy", allow_pickle=False)
+        (work / f"penalty_{i}.npy").unlink()
     shutil.rmtree(work)  # (a working copy, not part of the step's result)
-    values = negclip_from_penalty(score, penalty, s.batches, s.tau).astype(np.float32)
+    values = negclip_from_penalty(score, penalty, s.batches, s.tau)
     offset = 0
     for parquet, n in zip(files, rows):
         write_file_columns(folder, parquet, {f"negclip_loss_{s.arch}": values[offset:offset + n]})
