@@ -74,16 +74,17 @@ def run_negclip(files: Sequence[Path], s: NegClipSettings, folder: Path, executi
     SemDeDup's partitions)."""
     files = list(files)
     rows = pool_rows(files)
+    total = sum(rows)
     keys = (f"{s.arch}_img", f"{s.arch}_txt")
     work = Path(folder) / "embeddings"
     work.mkdir(parents=True, exist_ok=True)
-    copies, score, valid, offset = {}, np.full(sum(rows), np.nan), [], 0
+    copies, score, valid, offset = {}, np.full(total, np.nan), [], 0
     for parquet, n in zip(files, rows):
         part = load_npz(parquet, keys, n)
         for key, arr in part.items():
             if key not in copies:
                 copies[key] = np.lib.format.open_memmap(work / f"{key}.npy", mode="w+", dtype=arr.dtype,
-                                                        shape=(sum(rows), arr.shape[1]))
+                                                        shape=(total, arr.shape[1]))
             copies[key][offset:offset + n] = arr
         ok = ~missing_embedding_mask(part[keys[0]]) & ~missing_embedding_mask(part[keys[1]])
         score[offset:offset + n][ok] = pair_scores(part[keys[0]][ok], part[keys[1]][ok])
@@ -95,7 +96,7 @@ def run_negclip(files: Sequence[Path], s: NegClipSettings, folder: Path, executi
     valid = np.concatenate(valid) if valid else np.empty(0, dtype=np.int64)
     units = list(enumerate(np.sort(valid[b]) for round_ in random_batches(len(valid), s.batch_size, s.batches,
                                                                              s.seed) for b in round_))
-    penalty = np.zeros(offset, dtype=np.float64)
+    penalty = np.zeros(total, dtype=np.float64)
     stage = Stage("negclip_batches", _BatchPenalty, (str(work), keys, s.tau))
     for i, _ in tqdm(run_stage(stage, units, execution), total=len(units), desc=f"negCLIPLoss {s.arch} batches",
                      unit="batch", file=sys.stderr, disable=len(units) < 2):
@@ -108,7 +109,7 @@ def run_negclip(files: Sequence[Path], s: NegClipSettings, folder: Path, executi
         write_file_columns(folder, parquet, {f"negclip_loss_{s.arch}": values[offset:offset + n]})
         offset += n
     per_round = -(-len(valid) // s.batch_size)
-    return {"rows": offset, "rows_without_embedding": offset - len(valid),
+    return {"rows": total, "rows_without_embedding": total - len(valid),
             "batch_size": -(-len(valid) // max(1, per_round)), "batches_per_round": per_round}
 
 

@@ -135,21 +135,13 @@ def test_targets_of_the_wrong_width_are_one_line(pool, tmp_path):
 def test_the_batches_give_the_same_column_on_every_executor(pool, tmp_path, monkeypatch, executor):
     """Each random batch is a unit of a stage reading the step's copy of the embeddings: worker
     processes or Ray tasks give exactly the column of one process, and the copy is removed."""
-    import pipeline.execution as execution
-    from pipeline.execution import Execution
     from pipeline.negclip import NegClipSettings, run_negclip
+    from tests.pipeline.conftest import run_here_and_on
 
     files = sorted((pool / "metadata").glob("*.parquet"))
     settings = NegClipSettings(batch_size=100, batches=2, seed=3)  # 599 rows: 6 batches a round
-    (tmp_path / "here").mkdir()
-    here = run_negclip(files, settings, tmp_path / "here", Execution("local", num_workers=1))
-    monkeypatch.setattr(execution, "PROCESS_START_S", 0.0)
-    (tmp_path / executor).mkdir()
-    there = run_negclip(files, settings, tmp_path / executor,
-                        Execution("local" if executor == "processes" else "ray", num_workers=2))
+    here, there, columns = run_here_and_on(executor, run_negclip, files, settings, tmp_path, monkeypatch)
     assert here == there and here["batches_per_round"] == 6 and here["rows_without_embedding"] == 1
-    for parquet in files:
-        with np.load(tmp_path / "here" / f"{parquet.stem}.npz") as a, \
-                np.load(tmp_path / executor / f"{parquet.stem}.npz") as b:
-            assert np.array_equal(a["negclip_loss_l14"], b["negclip_loss_l14"], equal_nan=True)
+    for a, b in columns:
+        assert np.array_equal(a["negclip_loss_l14"], b["negclip_loss_l14"], equal_nan=True)
     assert sorted(p.name for p in (tmp_path / executor).iterdir()) == sorted(f"{p.stem}.npz" for p in files)

@@ -165,21 +165,13 @@ def test_result_is_reused_and_records_its_settings(dup_pool, tmp_path):
 def test_the_shuffle_gives_the_same_columns_on_every_executor(dup_pool, tmp_path, monkeypatch, executor):
     """Steps 2 and 3 (files -> partitions -> clusters) as stages: several partitions, run in
     worker processes or as Ray tasks, give exactly the columns of one process."""
-    import pipeline.execution as execution
-    from pipeline.execution import Execution
     from pipeline.semdedup import SemDeDupSettings, run_semdedup
+    from tests.pipeline.conftest import run_here_and_on
 
     files = sorted((dup_pool / "metadata").glob("*.parquet"))
     settings = SemDeDupSettings(clusters=12, partition_bytes=200_000)  # 900 x 768 x 2 bytes: 7 partitions
-    (tmp_path / "here").mkdir()
-    here = run_semdedup(files, settings, tmp_path / "here", Execution("local", num_workers=1))
-    monkeypatch.setattr(execution, "PROCESS_START_S", 0.0)
-    (tmp_path / executor).mkdir()
-    there = run_semdedup(files, settings, tmp_path / executor,
-                         Execution("local" if executor == "processes" else "ray", num_workers=2))
+    here, there, columns = run_here_and_on(executor, run_semdedup, files, settings, tmp_path, monkeypatch)
     assert here == there and here["partitions"] == 7
-    for parquet in files:
-        with np.load(tmp_path / "here" / f"{parquet.stem}.npz") as a, \
-                np.load(tmp_path / executor / f"{parquet.stem}.npz") as b:
-            assert sorted(a.files) == sorted(b.files)
-            assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    for a, b in columns:
+        assert sorted(a) == sorted(b)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
